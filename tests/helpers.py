@@ -1,0 +1,146 @@
+'''Shared tools of the test suite: models with randomised batch norms, bitwise snapshots, and oracles.'''
+import copy
+import functools
+
+import torch
+import torchvision
+from zennit.composites import LayerMapComposite
+from zennit.core import stabilize
+from zennit.layer import Sum
+from zennit.rules import Epsilon, Norm, Pass
+from zennit.types import Activation, AvgPool, Linear
+
+HOOK_DICTS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
+
+
+def randomize_batch_norms(model, seed=0, bias_free=False, weight=(0.5, 1.5)):
+    '''Give every batch norm random statistics (a fresh batch norm is the identity and tests nothing).'''
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(tensor, low, high):
+        return torch.rand(tensor.shape, generator=generator, dtype=torch.float64).mul(high - low).add(low).to(tensor)
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_var.copy_(uniform(module.running_var, 0.5, 2.))
+                module.weight.copy_(uniform(module.weight, *weight))
+                if bias_free:
+                    module.running_mean.zero_()
+                    module.bias.zero_()
+                else:
+                    module.running_mean.copy_(uniform(module.running_mean, -.5, .5))
+                    module.bias.copy_(uniform(module.bias, -.5, .5))
+            elif bias_free and getattr(module, 'bias', None) is not None and isinstance(module, Linear):
+                module.bias.zero_()
+    return model.eval()
+
+
+@functools.cache
+def _built(name, seed, bias_free, num_classes):
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, name)(num_classes=num_classes)
+    # parameter gradients are never needed here and cost time
+    return randomize_batch_norms(model, seed, bias_free).requires_grad_(False)
+
+
+def make_model(name, seed=0, bias_free=False, dtype=torch.float32, num_classes=10):
+    '''A fresh torchvision model with random weights and randomised batch norms, in eval mode.'''
+    return copy.deepcopy(_built(name, seed, bias_free, num_classes)).to(dtype)
+
+
+def make_input(batch=1, size=64, dtype=torch.float32, seed=1, requires_grad=True):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=generator, dtype=torch.float64).to(dtype).requires_grad_(
+        requires_grad)
+
+
+def relative_error(value, reference):
+    return ((value - reference).abs().max() / reference.abs().max()).item()
+
+
+def snapshot(model):
+    '''Everything that removal must restore: values, dtypes, object identities, attributes, submodules and hooks.'''
+    return {
+        'state': {key: (value.detach().clone(), value.dtype) for key, value in model.state_dict().items()},
+        'ids': {key: id(value) for key, value in list(model.named_parameters()) + list(model.named_buffers())},
+        'requires_grad': {key: value.requires_grad for key, value in model.named_parameters()},
+        'modules': [(name, type(module), id(module)) for name, module in model.named_modules()],
+        'attributes': {name: sorted(vars(module)) for name, module in model.named_modules()},
+        'plain': {
+            name: {key: value for key, value in vars(module).items() if isinstance(value, (int, float, bool, str))}
+            for name, module in model.named_modules()
+        },
+        'hooks': {
+            name: [len(getattr(module, key, {})) for key in HOOK_DICTS] for name, module in model.named_modules()
+        },
+        'forward': {name: 'forward' in vars(module) for name, module in model.named_modules()},
+    }
+
+
+def assert_untouched(model, before):
+    '''Assert that ``model`` is bitwise what it was when ``before`` was taken.'''
+    after = snapshot(model)
+    assert after['modules'] == before['modules']
+    assert after['ids'] == before['ids']
+    assert after['attributes'] == before['attributes']
+    assert after['plain'] == before['plain']
+    assert after['hooks'] == before['hooks']
+    assert after['forward'] == before['forward']
+    assert after['requires_grad'] == before['requires_grad']
+    assert after['state'].keys() == before['state'].keys()
+    for key, (value, dtype) in before['state'].items():
+        assert after['state'][key][1] == dtype, key
+        assert torch.equal(after['state'][key][0], value), key
+
+
+def sum_rule(stabilizer):
+    '''zennit's Norm rule for sums with a chosen stabilizer, for zennit 0.4.6 (fixed 1e-6) and 0.5.1 alike.'''
+    try:
+        return Norm(stabilizer=stabilizer)
+    except TypeError:
+        rule = Norm()
+        rule.gradient_mapper = lambda out_grad, outputs: out_grad / stabilize(outputs[0], stabilizer)
+        return rule
+
+
+def conservation_composite(canonizers):
+    '''Epsilon rule with negligible epsilon everywhere: relevance is conserved exactly on bias-free models.'''
+    return LayerMapComposite(
+        layer_map=[
+            (Activation, Pass()),
+            (Sum, sum_rule(1e-30)),
+            (AvgPool, sum_rule(1e-30)),
+            (Linear, Epsilon(epsilon=1e-30)),
+        ],
+        canonizers=canonizers,
+    )
+
+
+def output_relevance(output, target):
+    '''Relevance at the output: the logit of ``target``, nothing elsewhere.'''
+    return torch.nn.functional.one_hot(torch.as_tensor(target), output.shape[1]).to(output) * output
+
+
+def crp_heatmap(model, data, conditions, composite, exclude_parallel):
+    '''CRP conditional heatmaps.'''
+    from crp.attribution import CondAttribution
+
+    attribution = CondAttribution(model, no_param_grad=False)
+    return attribution(data, conditions, composite, exclude_parallel=exclude_parallel).heatmap
+
+
+def two_pass_heatmap(model, data, layer, concepts, target, composite):
+    '''The two-pass difference of the seed issue: with the concepts minus with none of the layer's concepts.'''
+    full = crp_heatmap(model, data, [{layer: concepts, 'y': [target]}], composite, False)
+    rest = crp_heatmap(model, data, [{layer: [], 'y': [target]}], composite, False)
+    return full - rest
+
+
+def relevant_channel(model, data, layer, target, composite):
+    '''The channel of ``layer`` with the most relevance (random networks leave many channels without any).'''
+    from crp.attribution import CondAttribution
+
+    attribution = CondAttribution(model, no_param_grad=False)
+    result = attribution(data, [{'y': [target]}], composite, record_layer=[layer], exclude_parallel=False)
+    return int(result.relevances[layer][0].flatten(1).sum(1).abs().argmax())

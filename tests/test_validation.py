@@ -1,0 +1,79 @@
+'''Bad input is refused with a clear error before anything is touched.'''
+import pytest
+from helpers import assert_untouched, make_model, snapshot
+from zennit.composites import EpsilonPlusFlat
+from zennit.torchvision import ResNetCanonizer as ZennitResNetCanonizer
+
+from canonizers import PerSampleCut, ResNetCanonizer
+
+BAD_CUTS = [
+    (['layer3.9'], ValueError, r"'layer3\.9' is not a module of this model; closest block names: 'layer3\.5'"),
+    (['layer3.0.conv1'], ValueError, r"'layer3\.0\.conv1' is a layer inside block 'layer3\.0'"),
+    (['layer3.0.downsample.0'], ValueError, r"inside block 'layer3\.0'"),
+    (['layer7.*'], ValueError, r"pattern 'layer7\.\*' matches no cuttable block"),
+    (['conv1'], ValueError, r"'conv1' is not a cuttable block; closest block names"),
+    ({'layer3.0': 'shortcut'}, ValueError, r"branch 'shortcut' for 'layer3\.0' is not valid: use 'skip' or 'residual'"),
+    ([3], TypeError, 'must be strings'),
+    (PerSampleCut([None, ['layer1.5']]), ValueError, r"'layer1\.5'"),
+]
+
+
+@pytest.mark.parametrize('cut, error, message', BAD_CUTS)
+def test_bad_cut_is_refused_and_model_untouched(cut, error, message):
+    model = make_model('resnet50')
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        ResNetCanonizer(cut=cut).apply(model)
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize('cut, error, message', BAD_CUTS[:2])
+def test_bad_cut_refused_inside_a_composite(cut, error, message):
+    model = make_model('resnet50')
+    before = snapshot(model)
+    composite = EpsilonPlusFlat(canonizers=[ResNetCanonizer(cut=cut)])
+    with pytest.raises(error, match=message):
+        with composite.context(model):
+            pass
+    composite.remove()
+    assert_untouched(model, before)
+
+
+def test_training_mode_is_refused():
+    model = make_model('resnet18').train()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r'call model\.eval\(\)'):
+        ResNetCanonizer().apply(model)
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize('first', [ResNetCanonizer, ZennitResNetCanonizer])
+def test_nested_application_is_refused(first):
+    model = make_model('resnet18')
+    instances = first().apply(model)
+    registered = snapshot(model)
+    with pytest.raises(RuntimeError, match='still registered'):
+        ResNetCanonizer().apply(model)
+    assert_untouched(model, registered)
+    for instance in instances:
+        instance.remove()
+
+
+def test_failure_half_way_is_rolled_back(monkeypatch):
+    model = make_model('resnet50')
+    before = snapshot(model)
+    from canonizers import resnet
+
+    calls = []
+    original = resnet.ResidualSumCanonizer.rewrite
+
+    def failing(self, patch, module):
+        calls.append(module)
+        if len(calls) == 7:
+            raise RuntimeError('injected failure')
+        original(self, patch, module)
+
+    monkeypatch.setattr(resnet.ResidualSumCanonizer, 'rewrite', failing)
+    with pytest.raises(RuntimeError, match='injected failure'):
+        ResNetCanonizer(cut=['layer1.0']).apply(model)
+    assert_untouched(model, before)
