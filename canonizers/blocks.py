@@ -22,6 +22,23 @@ from .cuts import (
 from .merging import require_eval
 from .patch import ModulePatch
 
+#: the family canonizers (one per architecture family), for tools that pick the canonizer fitting a model
+FAMILIES: List[type] = []
+
+
+def family(cls: type) -> type:
+    '''Class decorator that lists a family canonizer in :py:data:`FAMILIES`.'''
+    FAMILIES.append(cls)
+    return cls
+
+
+def families_for(root_module: torch.nn.Module) -> List['FamilyCanonizer']:
+    '''Unregistered instances of the family canonizers that rewrite blocks of ``root_module``.'''
+    instances = [cls() for cls in FAMILIES]
+    return [instance for instance in instances
+            if any(part.blocks(root_module) for part in instance._block_canonizers)]
+
+
 # blocks whose forward is rewritten by a canonizer of this package that is still registered
 _REWRITTEN: 'weakref.WeakKeyDictionary[torch.nn.Module, bool]' = weakref.WeakKeyDictionary()
 
