@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch torchvision
-	$(PY) -m pip install -q -e '.[crp,test]'
+	$(PY) -m pip install -q -e '.[crp,cli,test]'
 	touch $@
 
 $(ZENNIT_NEW)/.installed: $(VENV)/.installed

@@ -1,14 +1,37 @@
 '''zennit canonizers that cut named parallel paths, for isolated CRP conditional heatmaps.'''
 from .cuts import PerSampleCut
+from .densenet import DenseBlockCanonizer, DenseLayerCanonizer, DenseNetCanonizer, DenseNetHeadCanonizer
+from .efficientnet import EfficientNetCanonizer, MBConvCanonizer
+from .gates import ConstantGate, SqueezeExcitationCanonizer
+from .layers import ThresholdReLU
 from .masked_sum import MaskedSum
-from .merging import ExactMergeBatchNorm
+from .merging import ExactMergeBatchNorm, ExactMergeBatchNormReLU, LinearMerge
+from .mobilenet import (
+    MobileNetCanonizer,
+    MobileNetV2InvertedResidualCanonizer,
+    MobileNetV3InvertedResidualCanonizer,
+)
 from .resnet import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer, ResNetCanonizer
 
 __all__ = [
+    'ConstantGate',
+    'DenseBlockCanonizer',
+    'DenseLayerCanonizer',
+    'DenseNetCanonizer',
+    'DenseNetHeadCanonizer',
+    'EfficientNetCanonizer',
     'ExactMergeBatchNorm',
+    'ExactMergeBatchNormReLU',
+    'LinearMerge',
+    'MBConvCanonizer',
     'MaskedSum',
+    'MobileNetCanonizer',
+    'MobileNetV2InvertedResidualCanonizer',
+    'MobileNetV3InvertedResidualCanonizer',
     'PerSampleCut',
     'ResNetBasicBlockCanonizer',
     'ResNetBottleneckCanonizer',
     'ResNetCanonizer',
+    'SqueezeExcitationCanonizer',
+    'ThresholdReLU',
 ]

@@ -234,7 +234,7 @@ class BlockCatalog:
         if name in self.refusals:
             raise ValueError(self.refusals[name])
         enclosing = [block for block in self.blocks if name.startswith(block + '.')]
-        if enclosing:
+        if enclosing and name in self.module_names:
             block = max(enclosing, key=len)
             raise ValueError(f'{name!r} is a layer inside block {block!r}: cuts name whole blocks, so use {block!r} '
                              f'(the layer names a CRP condition uses can be turned into cuts with '
@@ -248,23 +248,3 @@ class BlockCatalog:
         shown = ', '.join(map(repr, names[:limit]))
         return shown + (f', ... ({len(names)} in all)' if len(names) > limit else '') if names else '(none)'
 
-
-def block_index(cut: ResolvedCut) -> Dict[str, FrozenSet[str]]:
-    '''Branches cut per block, over all samples: for reports and tests.
-
-    Parameters
-    ----------
-    cut: :py:class:`ResolvedCut`
-        A resolved cut.
-
-    Returns
-    -------
-    dict of str to frozenset of str
-        For each block with a cut in any sample, the branches cut.
-    '''
-    sets = cut.cuts if cut.per_sample else [cut.cuts]
-    index: Dict[str, set] = {}
-    for pairs in sets:
-        for block, branch in pairs:
-            index.setdefault(block, set()).add(branch)
-    return {block: frozenset(branches) for block, branches in index.items()}

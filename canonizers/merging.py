@@ -2,15 +2,16 @@
 
 zennit's ``MergeBatchNorm`` leaves the merged batch norm computing ``x / sqrt(1 + eps)`` instead of the identity, an
 error of about ``eps / 2`` per batch norm that adds up over deep networks. Here the batch norm becomes the exact
-identity (``eps`` is set to 0 while merged) and the scale is computed in float64.
+identity (``eps`` is set to 0 while merged) and the per-channel scale and shift are computed in float64.
 '''
 import weakref
-from typing import Callable, Iterator, List, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from zennit.canonizers import Canonizer
-from zennit.types import BatchNorm, ConvolutionTranspose, Linear
+from zennit.types import BatchNorm, ConvolutionStandard, ConvolutionTranspose, Linear
 
+from .layers import ThresholdReLU
 from .patch import ModulePatch
 
 #: (linear layers, batch norm) pairs to merge
@@ -143,14 +144,17 @@ def merge_into_linear(patch: ModulePatch, linear: torch.nn.Module, scale: torch.
         Per-channel factors in float64.
     '''
     weight = linear.weight
+    # the scale is computed in float64; one multiplication in the weight's dtype keeps applying as cheap as zennit's
+    # merge (a float64 product rounded once measured no more exact on the models' outputs)
+    factor = scale.to(weight.dtype)
     if isinstance(linear, ConvolutionTranspose):
         # transposed convolutions keep their output channels in dimension 1, and groups split them
         groups = getattr(linear, 'groups', 1)
         shape = (groups, 1, -1) + (1,) * (weight.ndim - 2)
-        merged = (weight.double().unflatten(0, (groups, -1)) * scale.reshape(shape)).flatten(0, 1)
+        merged = (weight.unflatten(0, (groups, -1)) * factor.reshape(shape)).flatten(0, 1)
     else:
-        merged = weight.double() * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-    patch.set_data(weight, merged.to(weight.dtype))
+        merged = weight * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
+    patch.set_data(weight, merged)
 
     bias = torch.zeros_like(shift) if linear.bias is None else linear.bias.double()
     merged_bias = (bias * scale + shift).to(dtype=weight.dtype, device=weight.device)
@@ -256,3 +260,295 @@ class ExactMergeBatchNorm(Canonizer):
     def copy(self) -> 'ExactMergeBatchNorm':
         '''Return an unregistered copy of this canonizer.'''
         return self.__class__(self.pairs)
+
+
+# --- merging across a ReLU into the following linear layer ---------------------------------------------------------
+class LinearMerge(NamedTuple):
+    '''Batch norms to merge into one linear layer, from before and from after it.
+
+    A linear layer gets all its merges in one go (and one registered instance), so that removing instances in any
+    order restores it bitwise.
+
+    Attributes
+    ----------
+    linear: :py:obj:`torch.nn.Module`
+        The linear or convolutional layer that absorbs the batch norms.
+    before: :py:obj:`torch.nn.Module`, optional
+        Batch norm whose output reaches ``linear`` through nothing but ``relu`` and maps that commute with a
+        per-channel affine map (such as average pooling and flattening to channels).
+    relu: (:py:obj:`torch.nn.Module`, str), optional
+        The module holding the ReLU between ``before`` and ``linear``, and the ReLU's attribute name there; the ReLU
+        is replaced by a :py:class:`~canonizers.layers.ThresholdReLU`. Without it, ``before`` feeds ``linear`` directly.
+    after: :py:obj:`torch.nn.Module`, optional
+        Batch norm right after ``linear``.
+    '''
+    linear: torch.nn.Module
+    before: Optional[torch.nn.Module] = None
+    relu: Optional[Tuple[torch.nn.Module, str]] = None
+    after: Optional[torch.nn.Module] = None
+
+
+def input_features(linear: torch.nn.Module) -> int:
+    '''Number of input features (channels) of a linear or convolutional layer.'''
+    if isinstance(linear, torch.nn.Linear):
+        return linear.in_features
+    return linear.in_channels
+
+
+def padded(linear: torch.nn.Module) -> bool:
+    '''Whether ``linear`` is a convolution that pads its input (so that some outputs see fewer than all inputs).'''
+    padding = getattr(linear, 'padding', ())
+    if isinstance(padding, str):
+        return padding == 'same' and any(size > 1 for size in linear.kernel_size)
+    return any(value != 0 for value in padding)
+
+
+def check_merge(merge: LinearMerge) -> None:
+    '''Refuse a merge that is not exact or not possible, without changing anything.
+
+    Parameters
+    ----------
+    merge: :py:class:`LinearMerge`
+        The merge.
+
+    Raises
+    ------
+    ValueError
+        If the numbers of channels do not belong together, the layer is not a linear layer or plain convolution, or
+        absorbing the batch norm before it is not exact because it pads its input.
+    RuntimeError
+        If a batch norm is merged already by a canonizer that is still registered.
+    '''
+    linear = merge.linear
+    if not isinstance(linear, Linear):
+        raise ValueError(f'cannot merge batch norms into {linear}: it is not a linear or convolutional layer')
+    if merge.after is not None:
+        check_batch_norm(merge.after)
+        if output_features(linear) != merge.after.num_features:
+            raise ValueError(f'cannot merge batch norm {merge.after} into {linear} before it: their numbers of '
+                             'channels differ')
+    if merge.before is None:
+        if merge.relu is not None:
+            raise ValueError(f'a ReLU to replace needs the batch norm before it (merge into {linear})')
+        return
+    check_batch_norm(merge.before)
+    if isinstance(linear, ConvolutionTranspose) or not isinstance(linear, (torch.nn.Linear, ConvolutionStandard)):
+        raise ValueError(f'cannot merge batch norm {merge.before} into {linear} after it: only linear layers and '
+                         'plain convolutions can absorb a batch norm before them')
+    if input_features(linear) != merge.before.num_features:
+        raise ValueError(f'cannot merge batch norm {merge.before} into {linear} after it: their numbers of '
+                         'channels differ')
+    if padded(linear):
+        # the padded zeros would have to become the batch norm's image of zero, -t after the threshold ReLU
+        raise ValueError(f'cannot merge batch norm {merge.before} into {linear} after it: the convolution pads its '
+                         'input, and the merged bias would not be exact at the borders')
+    if merge.relu is not None:
+        parent, name = merge.relu
+        relu = getattr(parent, name, None)
+        if type(relu) is not torch.nn.ReLU:
+            raise ValueError(f'expected a ReLU as {name!r} of {type(parent).__name__} between batch norm '
+                             f'{merge.before} and {linear}, found {relu!r}')
+
+
+def merge_around_linear(
+    patch: ModulePatch,
+    linear: torch.nn.Module,
+    before: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    after: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> None:
+    '''Make ``linear`` compute ``linear(x * s_in + t_in) * s_out + t_out``, keeping its parameter objects.
+
+    All arithmetic is in float64 and rounded once to the layer's dtype. The input side is exact only for layers whose
+    every output sees every input position (no padding); :py:func:`check_merge` refuses the others.
+
+    Parameters
+    ----------
+    patch: :py:class:`~canonizers.patch.ModulePatch`
+        Record of the changes.
+    linear: :py:obj:`torch.nn.Module`
+        Linear layer or plain convolution.
+    before: (:py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`), optional
+        ``s_in`` and ``t_in`` per input channel, in float64.
+    after: (:py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`), optional
+        ``s_out`` and ``t_out`` per output channel, in float64.
+    '''
+    weight = linear.weight
+    merged = weight.double()
+    bias = torch.zeros(merged.shape[0], dtype=torch.float64, device=weight.device)
+    if linear.bias is not None:
+        bias = linear.bias.double()
+    if before is not None:
+        scale, shift = (value.to(merged.device) for value in before)
+        groups = getattr(linear, 'groups', 1)
+        kernel = (1,) * (weight.ndim - 2)
+        # [groups, out / groups, in / groups, *kernel]: each output channel sees the input channels of its group
+        grouped = merged.unflatten(0, (groups, -1))
+        summed = grouped.sum(dim=tuple(range(3, grouped.ndim))) if kernel else grouped
+        bias = bias + (summed * shift.reshape(groups, 1, -1)).sum(-1).flatten()
+        merged = (grouped * scale.reshape((groups, 1, -1) + kernel)).flatten(0, 1)
+    if after is not None:
+        scale, shift = (value.to(merged.device) for value in after)
+        merged = merged * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+        bias = bias * scale + shift
+    patch.set_data(weight, merged.to(weight.dtype))
+
+    merged_bias = bias.to(dtype=weight.dtype, device=weight.device)
+    if linear.bias is None:
+        # zennit 0.4.6 rules swap parameters by setattr and need a Parameter here
+        patch.set_attribute(linear, 'bias', torch.nn.Parameter(merged_bias, requires_grad=weight.requires_grad))
+    else:
+        patch.set_data(linear.bias, merged_bias)
+
+
+def threshold_relu(
+    scale: torch.Tensor, shift: torch.Tensor, like: torch.Tensor
+) -> Tuple[ThresholdReLU, torch.Tensor, torch.Tensor]:
+    '''Split ``ReLU(scale * x + shift)`` into a threshold ReLU and an affine map for the following linear layer.
+
+    Parameters
+    ----------
+    scale, shift: :py:obj:`torch.Tensor`
+        The batch norm as ``x * scale + shift`` per channel, in float64.
+    like: :py:obj:`torch.Tensor`
+        Tensor with the dtype and device for the threshold ReLU.
+
+    Returns
+    -------
+    (:py:class:`~canonizers.layers.ThresholdReLU`, :py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`)
+        The threshold ReLU ``g`` and ``s_in``, ``t_in`` with ``ReLU(scale * x + shift) = g(x) * s_in + t_in``.
+    '''
+    constant = scale == 0
+    # a channel with scale 0 is the constant ReLU(shift): all of it goes into the next layer's bias, and its weight
+    # there is 0, so that the threshold ReLU may pass anything finite (ReLU(x), with threshold 0)
+    threshold = torch.where(constant, torch.zeros_like(shift), -shift / torch.where(constant, 1., scale))
+    module = ThresholdReLU(threshold.to(like), torch.sign(scale).to(like))
+    return module, scale, torch.where(constant, shift.clamp(min=0), shift)
+
+
+def apply_merge(patch: ModulePatch, merge: LinearMerge) -> None:
+    '''Merge the batch norms of ``merge`` into its linear layer, replace its ReLU by a threshold ReLU, and make the
+    batch norms the exact identity, all recorded in ``patch``.
+
+    Parameters
+    ----------
+    patch: :py:class:`~canonizers.patch.ModulePatch`
+        Record of the changes.
+    merge: :py:class:`LinearMerge`
+        The merge, validated by :py:func:`check_merge`.
+    '''
+    before = after = None
+    if merge.before is not None:
+        scale, shift = batch_norm_affine(merge.before)
+        if merge.relu is not None:
+            parent, name = merge.relu
+            relu = getattr(parent, name)
+            module, scale, shift = threshold_relu(scale, shift, merge.linear.weight)
+            patch.set_attribute(parent, name, module.train(relu.training))
+        before = (scale, shift)
+    if merge.after is not None:
+        after = batch_norm_affine(merge.after)
+    merge_around_linear(patch, merge.linear, before, after)
+    for batch_norm in (merge.before, merge.after):
+        if batch_norm is not None:
+            make_identity(patch, batch_norm)
+
+
+class ExactMergeBatchNormReLU(Canonizer):
+    '''Canonizer to merge batch norms exactly into the linear layers after them, across a ReLU, and before them.
+
+    A batch norm followed by a ReLU and a linear layer (``BN -> ReLU -> linear``, as in pre-activation networks such
+    as DenseNet) is merged into the *following* layer, and the ReLU becomes a
+    :py:class:`~canonizers.layers.ThresholdReLU` (Motzkus et al., "Measurably Stronger Explanation Reliability via
+    Model Canonization", ICIP 2022). A batch norm right after the layer is merged as by
+    :py:class:`ExactMergeBatchNorm`. The batch norms are the exact identity while registered; removal restores the
+    same parameter objects with their original data, bitwise.
+
+    Parameters
+    ----------
+    merges: callable
+        Function ``root -> [LinearMerge, ...]`` that finds the merges, one per linear layer.
+    '''
+    def __init__(self, merges: Callable[[torch.nn.Module], List[LinearMerge]]) -> None:
+        self.merges = merges
+        self.merge: Optional[LinearMerge] = None
+        self.patch = ModulePatch()
+
+    def check(self, root_module: torch.nn.Module) -> List[LinearMerge]:
+        '''Find and validate the merges without changing anything.
+
+        Parameters
+        ----------
+        root_module: :py:obj:`torch.nn.Module`
+            The model.
+
+        Returns
+        -------
+        list of :py:class:`LinearMerge`
+            The merges.
+
+        Raises
+        ------
+        ValueError
+            If a merge is not exact or not possible, or a module takes part in more than one merge.
+        '''
+        require_eval(root_module)
+        merges = self.merges(root_module)
+        seen = set()
+        for merge in merges:
+            check_merge(merge)
+            parts = [merge.linear, merge.before, merge.after]
+            if merge.relu is not None:
+                parts.append(getattr(*merge.relu))
+            for part in parts:
+                if part is not None and id(part) in seen:
+                    raise ValueError(f'{part} takes part in more than one merge')
+                seen.add(id(part))
+        return merges
+
+    def apply(self, root_module: torch.nn.Module) -> List['ExactMergeBatchNormReLU']:
+        '''Apply all merges found in ``root_module``; on failure, undo what was done and raise.
+
+        Parameters
+        ----------
+        root_module: :py:obj:`torch.nn.Module`
+            The model.
+
+        Returns
+        -------
+        list of :py:class:`ExactMergeBatchNormReLU`
+            One registered instance per linear layer.
+        '''
+        instances = []
+        try:
+            for merge in self.check(root_module):
+                instance = self.copy()
+                instances.append(instance)
+                instance.register(merge)
+        except BaseException:
+            for instance in reversed(instances):
+                instance.remove()
+            raise
+        return instances
+
+    def register(self, merge: LinearMerge) -> None:
+        '''Apply one merge.
+
+        Parameters
+        ----------
+        merge: :py:class:`LinearMerge`
+            The merge.
+        '''
+        self.merge = merge
+        try:
+            apply_merge(self.patch, merge)
+        except BaseException:
+            self.patch.undo()
+            raise
+
+    def remove(self) -> None:
+        '''Restore the original parameters and ReLU, bitwise.'''
+        self.patch.undo()
+
+    def copy(self) -> 'ExactMergeBatchNormReLU':
+        '''Return an unregistered copy of this canonizer.'''
+        return self.__class__(self.merges)

@@ -77,3 +77,9 @@ def test_failure_half_way_is_rolled_back(monkeypatch):
     with pytest.raises(RuntimeError, match='injected failure'):
         ResNetCanonizer(cut=['layer1.0']).apply(model)
     assert_untouched(model, before)
+
+
+def test_unknown_name_under_a_block_is_not_called_a_layer():
+    model = make_model('resnet18')
+    with pytest.raises(ValueError, match=r"'layer3\.0\.conv9' is not a module of this model"):
+        ResNetCanonizer(cut=['layer3.0.conv9']).apply(model)
