@@ -1,6 +1,23 @@
 '''How much of a CRP conditional heatmap leaks through parallel paths: the leaky, isolated and reference heatmaps of
-one condition, side by side.'''
-from typing import Callable, Dict, List, Mapping, Sequence
+one condition, side by side, and the numbers that summarise them.
+
+The numbers are defined as follows (the command line, its CSV and its pictures use the same definitions):
+
+relevance of a heatmap
+    the sum of its pixels.
+leaked heatmap
+    ``leaky - isolated``: what relevance passed through the paths parallel to the conditioned layers (CRP masks the
+    conditioned layers, but not the shortcuts around them).
+leaked share
+    ``sum|leaky - isolated| / (sum|isolated| + sum|leaky - isolated|)``: the share of the absolute relevance mass of
+    the leaky heatmap, split into its isolated and its leaked part, that is leaked. It lies in ``[0, 1]``, is 0 for a
+    condition without leak and 1 for one whose relevance all went around the conditioned layers, and, unlike
+    ``1 - sum(isolated) / sum(leaky)``, stays meaningful when positive and negative relevance cancel.
+deviation
+    ``max|isolated - reference| / max|reference|``: how far the isolated heatmap is from CRP's
+    ``exclude_parallel=True`` reference (0 up to rounding).
+'''
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,12 +31,86 @@ def condition_layers(condition: Mapping[str, Sequence[int]]) -> List[str]:
     return [name for name in condition if name != MODEL_OUTPUT]
 
 
+def leaked_share(leaky: torch.Tensor, isolated: torch.Tensor) -> float:
+    '''The share of a leaky heatmap's absolute relevance mass that leaked through parallel paths.
+
+    Parameters
+    ----------
+    leaky: :py:obj:`torch.Tensor`
+        Heatmap of a condition without isolation.
+    isolated: :py:obj:`torch.Tensor`
+        Heatmap of the same condition with the parallel paths cut.
+
+    Returns
+    -------
+    float
+        ``sum|leaky - isolated| / (sum|isolated| + sum|leaky - isolated|)``, in ``[0, 1]``; 0 if both heatmaps are 0.
+    '''
+    leaked = (leaky - isolated).abs().sum().item()
+    total = isolated.abs().sum().item() + leaked
+    return leaked / total if total > 0. else 0.
+
+
+def relative_deviation(value: torch.Tensor, reference: torch.Tensor) -> float:
+    '''``max|value - reference| / max|reference|``, the largest difference relative to the reference's range.'''
+    scale = reference.abs().max().clamp_min(torch.finfo(reference.dtype).tiny)
+    return ((value - reference).abs().max() / scale).item()
+
+
+def attribute_class(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    target: int,
+    family: Callable[..., FamilyCanonizer],
+    composite: Callable[..., object],
+    layer: Optional[str] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    '''The heatmap of a class and, optionally, the relevance of each channel (concept) of one layer for it.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model, in eval mode.
+    data: :py:obj:`torch.Tensor`
+        One input sample, shape ``[1, ...]``.
+    target: int
+        The class (output index).
+    family: callable
+        The family canonizer class, e.g. :py:class:`canonizers.ResNetCanonizer`.
+    composite: callable
+        zennit composite class taking ``canonizers=[...]``.
+    layer: str, optional
+        Name of the layer whose channel relevances to record.
+
+    Returns
+    -------
+    heatmap: :py:obj:`torch.Tensor`
+        The class heatmap, ``[H, W]``.
+    relevances: :py:obj:`torch.Tensor` or None
+        The relevance of each channel of ``layer`` (summed over its other dimensions), ``[channels]``; None without
+        ``layer``.
+    '''
+    from crp.attribution import CondAttribution
+
+    attribution = CondAttribution(model, no_param_grad=False)
+    result = attribution(
+        data.detach().clone().requires_grad_(True), [{MODEL_OUTPUT: [target]}], composite(canonizers=[family()]),
+        record_layer=[layer] if layer else [], exclude_parallel=False,
+    )
+    relevances = None
+    if layer:
+        recorded = result.relevances[layer][0].detach()
+        relevances = recorded.reshape(recorded.shape[0], -1).sum(1) if recorded.dim() > 1 else recorded
+    return result.heatmap[0].detach(), relevances
+
+
 def compare_heatmaps(
     model: torch.nn.Module,
     data: torch.Tensor,
     conditions: Sequence[Mapping[str, Sequence[int]]],
     family: Callable[..., FamilyCanonizer],
     composite: Callable[..., object],
+    reference: bool = True,
 ) -> List[Dict[str, object]]:
     '''For each condition, the leaky heatmap (CRP without isolation), ours (the skip paths around the conditioned layers
     cut) and CRP's ``exclude_parallel=True`` reference.
@@ -36,32 +127,37 @@ def compare_heatmaps(
         The family canonizer class, e.g. :py:class:`canonizers.ResNetCanonizer`.
     composite: callable
         zennit composite class taking ``canonizers=[...]``, e.g. ``zennit.composites.EpsilonPlusFlat``.
+    reference: bool, optional
+        Whether to compute CRP's reference too (one more backward pass per condition).
 
     Returns
     -------
     list of dict
-        Per condition: ``condition``, ``cut``, the heatmaps ``leaky``, ``isolated``, ``reference`` (each ``[H, W]``),
-        and ``deviation``, the relative max abs difference of isolated and reference.
+        Per condition: ``condition``, ``cut``, the heatmaps ``leaky``, ``isolated``, ``reference`` (each ``[H, W]``;
+        ``reference`` None without ``reference``), ``deviation``, the relative max abs difference of isolated and
+        reference (None without reference), and ``leaked_share``, see :py:func:`leaked_share`.
     '''
     from crp.attribution import CondAttribution
 
     attribution = CondAttribution(model, no_param_grad=False)
+
+    def heatmap(condition, canonizer, exclude_parallel):
+        return attribution(data.detach().clone().requires_grad_(True), [dict(condition)],
+                           composite(canonizers=[canonizer]), exclude_parallel=exclude_parallel).heatmap[0].detach()
+
     rows = []
     for condition in conditions:
         cut = family().layer_cuts(model, condition_layers(condition))
-
-        leaky, isolated, reference = (
-            attribution(data.detach().clone().requires_grad_(True), [dict(condition)],
-                        composite(canonizers=[canonizer]), exclude_parallel=exclude_parallel).heatmap[0].detach()
-            for canonizer, exclude_parallel in ((family(), False), (family(cut=cut), False), (family(), True))
-        )
-        scale = reference.abs().max().clamp_min(torch.finfo(reference.dtype).tiny)
+        leaky = heatmap(condition, family(), False)
+        isolated = heatmap(condition, family(cut=cut), False)
+        crp_reference = heatmap(condition, family(), True) if reference else None
         rows.append({
             'condition': dict(condition),
             'cut': cut,
             'leaky': leaky,
             'isolated': isolated,
-            'reference': reference,
-            'deviation': ((isolated - reference).abs().max() / scale).item(),
+            'reference': crp_reference,
+            'deviation': relative_deviation(isolated, crp_reference) if reference else None,
+            'leaked_share': leaked_share(leaky, isolated),
         })
     return rows
