@@ -5,7 +5,7 @@ from .efficientnet import EfficientNetCanonizer, MBConvCanonizer
 from .gates import ConstantGate, SqueezeExcitationCanonizer
 from .layers import ThresholdReLU
 from .masked_sum import MaskedSum
-from .merging import ExactMergeBatchNorm, ExactMergeBatchNormReLU, LinearMerge
+from .merging import ExactMergeBatchNorm, LinearMerge
 from .mobilenet import (
     MobileNetCanonizer,
     MobileNetV2InvertedResidualCanonizer,
@@ -21,7 +21,6 @@ __all__ = [
     'DenseNetHeadCanonizer',
     'EfficientNetCanonizer',
     'ExactMergeBatchNorm',
-    'ExactMergeBatchNormReLU',
     'LinearMerge',
     'MBConvCanonizer',
     'MaskedSum',

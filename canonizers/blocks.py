@@ -19,7 +19,7 @@ from .cuts import (
     parse_cut,
     public_cut,
 )
-from .merging import require_eval
+from .merging import remove_all, require_eval
 from .patch import ModulePatch
 
 #: the family canonizers (one per architecture family), for tools that pick the canonizer fitting a model
@@ -35,8 +35,7 @@ def family(cls: type) -> type:
 def families_for(root_module: torch.nn.Module) -> List['FamilyCanonizer']:
     '''Unregistered instances of the family canonizers that rewrite blocks of ``root_module``.'''
     instances = [cls() for cls in FAMILIES]
-    return [instance for instance in instances
-            if any(part.blocks(root_module) for part in instance._block_canonizers)]
+    return [instance for instance in instances if instance.catalog_of(root_module).blocks]
 
 
 # blocks whose forward is rewritten by a canonizer of this package that is still registered
@@ -99,8 +98,9 @@ class BlockCanonizer(Canonizer):
         (``"residual"``) branch unless a subclass knows better.'''
         return RESIDUAL
 
-    def refusal(self, name: str, module: torch.nn.Module) -> str:
-        '''Why a rewritten block without cuttable branches cannot be named in a cut.'''
+    def refusal(self, name: str, module: torch.nn.Module) -> Optional[str]:
+        '''Why a rewritten block without cuttable branches cannot be named in a cut; None to treat its name as that of
+        any layer (inside its enclosing block, if any).'''
         return f'block {name!r} ({type(module).__name__}) has no parallel path that could be cut'
 
     def blocks(self, root_module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
@@ -114,7 +114,7 @@ class BlockCanonizer(Canonizer):
             branches = self.branches(name, module)
             if branches:
                 cuttable[name] = branches
-            else:
+            elif self.refusal(name, module) is not None:
                 refusals[name] = self.refusal(name, module)
         return BlockCatalog(cuttable, [name for name, _ in root_module.named_modules()], refusals)
 
@@ -168,8 +168,7 @@ class BlockCanonizer(Canonizer):
                 instance.register(name, module)
                 instance.update(resolved)
         except BaseException:
-            for instance in reversed(instances):
-                instance.remove()
+            remove_all(instances)
             raise
         return instances
 
@@ -300,8 +299,7 @@ class FamilyCanonizer(CompositeCanonizer):
                 else:
                     instances += part.apply(root_module)
         except BaseException:
-            for instance in reversed(instances):
-                instance.remove()
+            remove_all(instances)
             raise
         return instances
 

@@ -25,7 +25,7 @@ from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Tra
 from .blocks import BlockCanonizer, FamilyCanonizer, family
 from .cuts import RESIDUAL, SKIP, BlockCatalog, CutLike, ResolvedCut
 from .masked_sum import mask_gradient
-from .merging import ExactMergeBatchNormReLU, LinearMerge, apply_merge, check_merge
+from .merging import ExactMergeBatchNorm, LinearMerge, apply_merge, check_merge
 from .patch import ModulePatch
 
 
@@ -258,7 +258,7 @@ class DenseNetCanonizer(FamilyCanonizer):
     '''
     def __init__(self, cut: CutLike = None) -> None:
         super().__init__([
-            ExactMergeBatchNormReLU(densenet_merges),
+            ExactMergeBatchNorm(densenet_merges),
             DenseNetHeadCanonizer(),
             DenseBlockCanonizer(),
             DenseLayerCanonizer(),

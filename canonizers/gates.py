@@ -7,13 +7,14 @@ through its Jacobian) and sends more relevance into the gate branch, so it is no
 (ICIP 2022), the canonizer here treats the gate as a constant: the relevance passes through the gated signal unchanged,
 and none enters the gate branch.
 '''
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 from torchvision.ops.misc import SqueezeExcitation
-from zennit.canonizers import Canonizer
 from zennit.types import Activation
 
+from .blocks import BlockCanonizer
+from .cuts import ResolvedCut
 from .patch import ModulePatch
 
 
@@ -60,7 +61,7 @@ def gated_forward(self: SqueezeExcitation, input: torch.Tensor) -> torch.Tensor:
     return self.canonizer_gate(input, gate=scale)
 
 
-class SqueezeExcitationCanonizer(Canonizer):
+class SqueezeExcitationCanonizer(BlockCanonizer):
     '''Canonizer that treats the gate of torchvision's ``SqueezeExcitation`` as a constant in the backward pass.
 
     The forward of each block is rewritten to multiply by the gate through a :py:class:`ConstantGate` submodule named
@@ -69,91 +70,21 @@ class SqueezeExcitationCanonizer(Canonizer):
     one, the gradient is the true gradient with the gate held constant. This holds for the sigmoid gate of EfficientNet
     and the hard-sigmoid gate of MobileNetV3 alike.
 
-    The gate branch has no cut: it carries no relevance. Removal restores the blocks exactly.
+    The gate branch carries no relevance, so there is nothing to cut. Removal restores the blocks exactly.
     '''
     #: module types whose forward this canonizer rewrites; they must compute ``self._scale(input) * input``
     block_types: Tuple[type, ...] = (SqueezeExcitation,)
 
-    def __init__(self) -> None:
-        self.module = None
-        self.patch = ModulePatch()
+    def branches(self, name: str, module: torch.nn.Module) -> Tuple[str, ...]:
+        return ()
 
-    def blocks(self, root_module: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
-        '''The squeeze-and-excitation blocks of ``root_module``, with their names.'''
-        return [(name, module) for name, module in root_module.named_modules() if isinstance(module, self.block_types)]
+    def refusal(self, name: str, module: torch.nn.Module) -> None:
+        # a layer of its enclosing block like any other: the error names that block
+        return None
 
-    def check(self, root_module: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
-        '''Validate that this canonizer can be applied to ``root_module``, without changing anything.
+    def rewrite(self, patch: ModulePatch, module: torch.nn.Module) -> None:
+        patch.set_attribute(module, 'canonizer_gate', ConstantGate().train(module.training))
+        patch.set_attribute(module, 'forward', gated_forward.__get__(module))
 
-        Parameters
-        ----------
-        root_module: :py:obj:`torch.nn.Module`
-            The model.
-
-        Returns
-        -------
-        list of (str, :py:obj:`torch.nn.Module`)
-            The blocks to rewrite, with their names.
-
-        Raises
-        ------
-        RuntimeError
-            If a block's forward is rewritten already.
-        '''
-        blocks = self.blocks(root_module)
-        for name, module in blocks:
-            if 'forward' in vars(module) or 'canonizer_gate' in module._modules:
-                raise RuntimeError(
-                    f'squeeze-and-excitation block {name!r} already has a rewritten forward (is another canonizer '
-                    'still registered on this model? nested composite contexts are not supported): remove it first'
-                )
-        return blocks
-
-    def apply(self, root_module: torch.nn.Module) -> List['SqueezeExcitationCanonizer']:
-        '''Rewrite all squeeze-and-excitation blocks of ``root_module``; on failure, undo what was done and raise.
-
-        Parameters
-        ----------
-        root_module: :py:obj:`torch.nn.Module`
-            The model.
-
-        Returns
-        -------
-        list of :py:class:`SqueezeExcitationCanonizer`
-            One registered instance per rewritten block.
-        '''
-        instances = []
-        try:
-            for _, module in self.check(root_module):
-                instance = self.copy()
-                instances.append(instance)
-                instance.register(module)
-        except BaseException:
-            for instance in reversed(instances):
-                instance.remove()
-            raise
-        return instances
-
-    def register(self, module: torch.nn.Module) -> None:
-        '''Rewrite the forward of one block.
-
-        Parameters
-        ----------
-        module: :py:obj:`torch.nn.Module`
-            The squeeze-and-excitation block.
-        '''
-        self.module = module
-        try:
-            self.patch.set_attribute(module, 'canonizer_gate', ConstantGate().train(module.training))
-            self.patch.set_attribute(module, 'forward', gated_forward.__get__(module))
-        except BaseException:
-            self.patch.undo()
-            raise
-
-    def remove(self) -> None:
-        '''Restore the block's original forward and remove the added module.'''
-        self.patch.undo()
-
-    def copy(self) -> 'SqueezeExcitationCanonizer':
-        '''Return an unregistered copy of this canonizer.'''
-        return self.__class__()
+    def update(self, cut: ResolvedCut) -> None:
+        pass

@@ -14,9 +14,6 @@ from zennit.types import BatchNorm, ConvolutionStandard, ConvolutionTranspose, L
 from .layers import ThresholdReLU
 from .patch import ModulePatch
 
-#: (linear layers, batch norm) pairs to merge
-Pairs = List[Tuple[Tuple[torch.nn.Module, ...], torch.nn.Module]]
-
 # batch norms merged by a canonizer of this package that is still registered, and the linear layers merged into
 _MERGED: 'weakref.WeakKeyDictionary[torch.nn.Module, bool]' = weakref.WeakKeyDictionary()
 
@@ -57,8 +54,14 @@ def output_features(linear: torch.nn.Module) -> int:
     return linear.out_channels
 
 
-def sequential_pairs(root: torch.nn.Module) -> Pairs:
-    '''Pair every batch norm with the linear layer right before it among the leaves, in registration order.
+def remove_all(instances: Sequence[Canonizer]) -> None:
+    '''Remove registered canonizer instances, last first.'''
+    for instance in reversed(instances):
+        instance.remove()
+
+
+def sequential_merges(root: torch.nn.Module) -> List['LinearMerge']:
+    '''Merge every batch norm into the linear layer right before it among the leaves, in registration order.
 
     As zennit's ``SequentialMergeBatchNorm``, this relies on modules being registered in the order of the forward
     pass; unlike it, a pair whose shapes do not belong together is never merged.
@@ -70,19 +73,19 @@ def sequential_pairs(root: torch.nn.Module) -> Pairs:
 
     Returns
     -------
-    list of ((:py:obj:`torch.nn.Module`,), :py:obj:`torch.nn.Module`)
-        The pairs to merge.
+    list of :py:class:`LinearMerge`
+        The merges, each of a batch norm into the layer before it.
     '''
-    pairs = []
+    merges = []
     last = None
     for _, leaf in leaves(root):
         if (
             isinstance(last, Linear) and isinstance(leaf, BatchNorm)
             and output_features(last) == leaf.num_features
         ):
-            pairs.append(((last,), leaf))
+            merges.append(LinearMerge(last, after=leaf))
         last = leaf
-    return pairs
+    return merges
 
 
 def batch_norm_affine(batch_norm: torch.nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -131,138 +134,6 @@ def make_identity(patch: ModulePatch, batch_norm: torch.nn.Module) -> None:
     patch.on_undo(lambda: _MERGED.pop(batch_norm, None))
 
 
-def merge_into_linear(patch: ModulePatch, linear: torch.nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    '''Make ``linear`` compute ``linear(x) * scale + shift`` (per output channel), keeping its parameter objects.
-
-    Parameters
-    ----------
-    patch: :py:class:`~canonizers.patch.ModulePatch`
-        Record of the changes.
-    linear: :py:obj:`torch.nn.Module`
-        Linear or convolutional layer.
-    scale, shift: :py:obj:`torch.Tensor`
-        Per-channel factors in float64.
-    '''
-    weight = linear.weight
-    # the scale is computed in float64; one multiplication in the weight's dtype keeps applying as cheap as zennit's
-    # merge (a float64 product rounded once measured no more exact on the models' outputs)
-    factor = scale.to(weight.dtype)
-    if isinstance(linear, ConvolutionTranspose):
-        # transposed convolutions keep their output channels in dimension 1, and groups split them
-        groups = getattr(linear, 'groups', 1)
-        shape = (groups, 1, -1) + (1,) * (weight.ndim - 2)
-        merged = (weight.unflatten(0, (groups, -1)) * factor.reshape(shape)).flatten(0, 1)
-    else:
-        merged = weight * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
-    patch.set_data(weight, merged)
-
-    bias = torch.zeros_like(shift) if linear.bias is None else linear.bias.double()
-    merged_bias = (bias * scale + shift).to(dtype=weight.dtype, device=weight.device)
-    if linear.bias is None:
-        # zennit 0.4.6 rules swap parameters by setattr and need a Parameter here
-        patch.set_attribute(linear, 'bias', torch.nn.Parameter(merged_bias, requires_grad=weight.requires_grad))
-    else:
-        patch.set_data(linear.bias, merged_bias)
-
-
-class ExactMergeBatchNorm(Canonizer):
-    '''Canonizer to merge batch norms into the linear layers before them, exactly.
-
-    The merged batch norm is the exact identity while registered (``eps`` set to 0), and the merge is computed in
-    float64, so the canonized model computes the same function up to rounding of the result's dtype. Removal restores
-    the same parameter objects with their original data, bitwise.
-
-    Parameters
-    ----------
-    pairs: callable, optional
-        Function ``root -> [((linear, ...), batch_norm), ...]`` that finds the pairs to merge;
-        :py:func:`sequential_pairs` by default.
-    '''
-    def __init__(self, pairs: Callable[[torch.nn.Module], Pairs] = sequential_pairs) -> None:
-        self.pairs = pairs
-        self.linears: Sequence[torch.nn.Module] = ()
-        self.batch_norm = None
-        self.patch = ModulePatch()
-
-    def check(self, root_module: torch.nn.Module) -> Pairs:
-        '''Find and validate the pairs to merge without changing anything.
-
-        Parameters
-        ----------
-        root_module: :py:obj:`torch.nn.Module`
-            The model.
-
-        Returns
-        -------
-        list of ((:py:obj:`torch.nn.Module`,), :py:obj:`torch.nn.Module`)
-            The pairs to merge.
-        '''
-        require_eval(root_module)
-        pairs = self.pairs(root_module)
-        for linears, batch_norm in pairs:
-            check_batch_norm(batch_norm)
-            for linear in linears:
-                if output_features(linear) != batch_norm.num_features:
-                    raise ValueError(f'cannot merge batch norm {batch_norm} into {linear}: their numbers of '
-                                     'channels differ')
-        return pairs
-
-    def apply(self, root_module: torch.nn.Module) -> List['ExactMergeBatchNorm']:
-        '''Merge all pairs found in ``root_module``; on failure, undo what was done and raise.
-
-        Parameters
-        ----------
-        root_module: :py:obj:`torch.nn.Module`
-            The model.
-
-        Returns
-        -------
-        list of :py:class:`ExactMergeBatchNorm`
-            One registered instance per merged batch norm.
-        '''
-        instances = []
-        try:
-            for linears, batch_norm in self.check(root_module):
-                instance = self.copy()
-                instances.append(instance)
-                instance.register(linears, batch_norm)
-        except BaseException:
-            for instance in reversed(instances):
-                instance.remove()
-            raise
-        return instances
-
-    def register(self, linears: Sequence[torch.nn.Module], batch_norm: torch.nn.Module) -> None:
-        '''Merge ``batch_norm`` into each of ``linears``.
-
-        Parameters
-        ----------
-        linears: sequence of :py:obj:`torch.nn.Module`
-            Linear layers whose output the batch norm normalises.
-        batch_norm: :py:obj:`torch.nn.Module`
-            The batch norm.
-        '''
-        self.linears = tuple(linears)
-        self.batch_norm = batch_norm
-        scale, shift = batch_norm_affine(batch_norm)
-        try:
-            for linear in self.linears:
-                merge_into_linear(self.patch, linear, scale, shift)
-            make_identity(self.patch, batch_norm)
-        except BaseException:
-            self.patch.undo()
-            raise
-
-    def remove(self) -> None:
-        '''Restore the original parameters, bitwise.'''
-        self.patch.undo()
-
-    def copy(self) -> 'ExactMergeBatchNorm':
-        '''Return an unregistered copy of this canonizer.'''
-        return self.__class__(self.pairs)
-
-
-# --- merging across a ReLU into the following linear layer ---------------------------------------------------------
 class LinearMerge(NamedTuple):
     '''Batch norms to merge into one linear layer, from before and from after it.
 
@@ -350,6 +221,16 @@ def check_merge(merge: LinearMerge) -> None:
                              f'{merge.before} and {linear}, found {relu!r}')
 
 
+def scale_outputs(linear: torch.nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    '''``weight`` of ``linear`` with each output channel multiplied by its entry of ``scale``.'''
+    if isinstance(linear, ConvolutionTranspose):
+        # transposed convolutions keep their output channels in dimension 1, and groups split them
+        groups = getattr(linear, 'groups', 1)
+        shape = (groups, 1, -1) + (1,) * (weight.ndim - 2)
+        return (weight.unflatten(0, (groups, -1)) * scale.reshape(shape)).flatten(0, 1)
+    return weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+
+
 def merge_around_linear(
     patch: ModulePatch,
     linear: torch.nn.Module,
@@ -373,11 +254,16 @@ def merge_around_linear(
         ``s_out`` and ``t_out`` per output channel, in float64.
     '''
     weight = linear.weight
-    merged = weight.double()
-    bias = torch.zeros(merged.shape[0], dtype=torch.float64, device=weight.device)
+    bias = torch.zeros(output_features(linear), dtype=torch.float64, device=weight.device)
     if linear.bias is not None:
         bias = linear.bias.double()
-    if before is not None:
+    if before is None:
+        # only the output side: one multiplication in the weight's dtype keeps applying as cheap as zennit's merge
+        # (a float64 product rounded once measured no more exact on the models' outputs)
+        merged = weight
+    else:
+        # both sides: float64, so that the weight is rounded once
+        merged = weight.double()
         scale, shift = (value.to(merged.device) for value in before)
         groups = getattr(linear, 'groups', 1)
         kernel = (1,) * (weight.ndim - 2)
@@ -387,8 +273,8 @@ def merge_around_linear(
         bias = bias + (summed * shift.reshape(groups, 1, -1)).sum(-1).flatten()
         merged = (grouped * scale.reshape((groups, 1, -1) + kernel)).flatten(0, 1)
     if after is not None:
-        scale, shift = (value.to(merged.device) for value in after)
-        merged = merged * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+        scale, shift = (value.to(weight.device) for value in after)
+        merged = scale_outputs(linear, merged, scale.to(merged.dtype))
         bias = bias * scale + shift
     patch.set_data(weight, merged.to(weight.dtype))
 
@@ -453,22 +339,24 @@ def apply_merge(patch: ModulePatch, merge: LinearMerge) -> None:
             make_identity(patch, batch_norm)
 
 
-class ExactMergeBatchNormReLU(Canonizer):
-    '''Canonizer to merge batch norms exactly into the linear layers after them, across a ReLU, and before them.
-
-    A batch norm followed by a ReLU and a linear layer (``BN -> ReLU -> linear``, as in pre-activation networks such
-    as DenseNet) is merged into the *following* layer, and the ReLU becomes a
+class ExactMergeBatchNorm(Canonizer):
+    '''Canonizer to merge batch norms exactly into linear layers: the batch norm right after a layer, and (as in
+    pre-activation networks such as DenseNet) the batch norm before it, across a ReLU that becomes a
     :py:class:`~canonizers.layers.ThresholdReLU` (Motzkus et al., "Measurably Stronger Explanation Reliability via
-    Model Canonization", ICIP 2022). A batch norm right after the layer is merged as by
-    :py:class:`ExactMergeBatchNorm`. The batch norms are the exact identity while registered; removal restores the
-    same parameter objects with their original data, bitwise.
+    Model Canonization", ICIP 2022).
+
+    The merged batch norms are the exact identity while registered (``eps`` set to 0) and the per-channel factors are
+    computed in float64, so the canonized model computes the same function up to rounding of its dtype. Removal
+    restores the same parameter objects with their original data, bitwise, in any order of the instances: each
+    instance holds all merges into one linear layer.
 
     Parameters
     ----------
-    merges: callable
-        Function ``root -> [LinearMerge, ...]`` that finds the merges, one per linear layer.
+    merges: callable, optional
+        Function ``root -> [LinearMerge, ...]`` that finds the merges, one per linear layer;
+        :py:func:`sequential_merges` (each batch norm into the linear layer before it) by default.
     '''
-    def __init__(self, merges: Callable[[torch.nn.Module], List[LinearMerge]]) -> None:
+    def __init__(self, merges: Callable[[torch.nn.Module], List[LinearMerge]] = sequential_merges) -> None:
         self.merges = merges
         self.merge: Optional[LinearMerge] = None
         self.patch = ModulePatch()
@@ -490,6 +378,8 @@ class ExactMergeBatchNormReLU(Canonizer):
         ------
         ValueError
             If a merge is not exact or not possible, or a module takes part in more than one merge.
+        RuntimeError
+            If the model is in training mode, or a batch norm is merged by a canonizer still registered.
         '''
         require_eval(root_module)
         merges = self.merges(root_module)
@@ -505,7 +395,7 @@ class ExactMergeBatchNormReLU(Canonizer):
                 seen.add(id(part))
         return merges
 
-    def apply(self, root_module: torch.nn.Module) -> List['ExactMergeBatchNormReLU']:
+    def apply(self, root_module: torch.nn.Module) -> List['ExactMergeBatchNorm']:
         '''Apply all merges found in ``root_module``; on failure, undo what was done and raise.
 
         Parameters
@@ -515,7 +405,7 @@ class ExactMergeBatchNormReLU(Canonizer):
 
         Returns
         -------
-        list of :py:class:`ExactMergeBatchNormReLU`
+        list of :py:class:`ExactMergeBatchNorm`
             One registered instance per linear layer.
         '''
         instances = []
@@ -525,8 +415,7 @@ class ExactMergeBatchNormReLU(Canonizer):
                 instances.append(instance)
                 instance.register(merge)
         except BaseException:
-            for instance in reversed(instances):
-                instance.remove()
+            remove_all(instances)
             raise
         return instances
 
@@ -536,7 +425,7 @@ class ExactMergeBatchNormReLU(Canonizer):
         Parameters
         ----------
         merge: :py:class:`LinearMerge`
-            The merge.
+            The merge, validated by :py:func:`check_merge`.
         '''
         self.merge = merge
         try:
@@ -546,9 +435,9 @@ class ExactMergeBatchNormReLU(Canonizer):
             raise
 
     def remove(self) -> None:
-        '''Restore the original parameters and ReLU, bitwise.'''
+        '''Restore the original parameters (and ReLU), bitwise.'''
         self.patch.undo()
 
-    def copy(self) -> 'ExactMergeBatchNormReLU':
+    def copy(self) -> 'ExactMergeBatchNorm':
         '''Return an unregistered copy of this canonizer.'''
         return self.__class__(self.merges)

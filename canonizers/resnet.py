@@ -26,6 +26,10 @@ class ResidualSumCanonizer(BlockCanonizer):
         patch.set_attribute(module, 'canonizer_sum', MaskedSum(dim=-1).train(module.training))
 
     def branch_of(self, name: str, module: torch.nn.Module, layer: str) -> str:
+        if layer == 'relu':
+            # torchvision's blocks call their one ReLU inside the branch and again after the sum
+            raise ValueError(f'{name}.relu is used both inside the residual branch and after the sum of block '
+                             f'{name!r}, so no cut isolates it: condition on a convolution or batch norm instead')
         # the downsample path is the shortcut
         return SKIP if layer.split('.')[0] == 'downsample' else RESIDUAL
 

@@ -23,7 +23,7 @@ from zennit.types import Activation
 
 from canonizers import (
     DenseNetCanonizer,
-    ExactMergeBatchNormReLU,
+    ExactMergeBatchNorm,
     LinearMerge,
     PerSampleCut,
     ThresholdReLU,
@@ -185,7 +185,7 @@ def test_merge_across_relu_into_any_unpadded_linear_layer(layer, shape):
     reference = model(data)
     before = snapshot(model)
     merges = [LinearMerge(model[2], before=model[0], relu=(model, '1'), after=model[3])]
-    instances = ExactMergeBatchNormReLU(lambda root: merges).apply(model)
+    instances = ExactMergeBatchNorm(lambda root: merges).apply(model)
     assert isinstance(model[1], ThresholdReLU)
     assert relative_error(model(data), reference) < 1e-13
     for instance in instances:
@@ -216,7 +216,7 @@ def test_zennit_pairs_mismatched_layers_ours_never():
     ]
     for merge, message in bad:
         with pytest.raises(ValueError, match=message):
-            ExactMergeBatchNormReLU(lambda root, merge=merge: [merge]).apply(model)
+            ExactMergeBatchNorm(lambda root, merge=merge: [merge]).apply(model)
     assert_untouched(model, before)
 
 

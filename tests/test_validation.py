@@ -83,3 +83,10 @@ def test_unknown_name_under_a_block_is_not_called_a_layer():
     model = make_model('resnet18')
     with pytest.raises(ValueError, match=r"'layer3\.0\.conv9' is not a module of this model"):
         ResNetCanonizer(cut=['layer3.0.conv9']).apply(model)
+
+
+def test_layer_cuts_refuse_the_shared_relu_of_a_block():
+    model = make_model('resnet18')
+    with pytest.raises(ValueError, match=r"layer2\.0\.relu is used both inside the residual branch and after the sum"):
+        ResNetCanonizer().layer_cuts(model, ['layer2.0.relu'])
+    assert ResNetCanonizer().layer_cuts(model, ['layer2.0.bn1']) == {'layer2.0': 'skip'}

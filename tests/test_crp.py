@@ -1,0 +1,506 @@
+'''canonizers.crp: isolated conditional heatmaps for any mix of conditions, against CRP's exclude_parallel=True
+computed one condition at a time (the oracle), and cut tables written by hand from the architectures.'''
+import importlib
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torchvision
+from crp.attribution import CondAttribution
+from crp.concepts import ChannelConcept
+from helpers import assert_untouched, make_input, make_model, relative_error, snapshot
+from zennit.canonizers import CompositeCanonizer
+from zennit.composites import EpsilonPlusFlat
+from zennit.torchvision import ResNetCanonizer as ZennitResNetCanonizer
+
+from canonizers import ExactMergeBatchNorm, PerSampleCut, ResNetBasicBlockCanonizer, ResNetCanonizer
+from canonizers.crp import IsolatingCondAttribution, cuts_for
+
+TARGET = 3
+
+
+def family_canonizer(module, name):
+    '''The family canonizer class, or skip while the engineer adding it has not landed it yet.'''
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name != module:
+            raise
+        pytest.skip(f'{module} does not exist yet: {name} has not landed')
+    if not hasattr(found, name):
+        pytest.skip(f'{module}.{name} does not exist yet')
+    return getattr(found, name)
+
+
+def model_order(model, layers):
+    '''``layers`` from the last to the first in the model, the order CRP's partial backward pass needs.'''
+    index = {name: position for position, (name, _) in enumerate(model.named_modules())}
+    return sorted(layers, key=lambda layer: -index[layer])
+
+
+def argmax_channel(relevance):
+    return int(relevance[0].flatten(1).sum(1).abs().argmax())
+
+
+def choose_conditions(model, data, layer_sets, composite):
+    '''Conditions on the channels that carry the most relevance (random networks leave many channels without any):
+    for the top layer of a condition without conditioning, for each lower layer given the layers above it.'''
+    attribution = CondAttribution(model, no_param_grad=False)
+    layers = sorted({layer for layer_set in layer_sets for layer in layer_set})
+    result = attribution(data, [{'y': [TARGET]}], composite, record_layer=layers, exclude_parallel=False)
+    conditions = []
+    for layer_set in layer_sets:
+        ordered = model_order(model, layer_set)
+        condition = {ordered[0]: [argmax_channel(result.relevances[ordered[0]])]} if ordered else {}
+        for lower in ordered[1:]:
+            given = attribution(data, [{**condition, 'y': [TARGET]}], composite, record_layer=[lower],
+                                exclude_parallel=True)
+            condition[lower] = [argmax_channel(given.relevances[lower])]
+        # in the order written, which need not be CRP's
+        conditions.append({**{layer: condition[layer] for layer in layer_set}, 'y': [TARGET]})
+    return conditions
+
+
+def count_forwards(model):
+    '''Record the batch size of every forward pass of ``model``.'''
+    sizes = []
+    handle = model.register_forward_hook(lambda module, input, output: sizes.append(len(input[0])))
+    return sizes, handle
+
+
+# per model: the family canonizer, a layer below all conditioned ones (to compare recorded relevances), and the
+# conditions' layers: several layers, a condition with two layers, layers whose conditions need no cut
+CASES = {
+    'resnet50': (
+        ('canonizers', 'ResNetCanonizer'), 'conv1', [
+            ('layer1.0.conv2',),
+            ('layer2.0.downsample.0',),
+            ('layer2.1.conv1', 'layer4.0.conv2'),
+            ('layer3.2.conv3',),
+            ('layer4.1',),
+            (),
+        ]),
+    'densenet121': (
+        ('canonizers.densenet', 'DenseNetCanonizer'), 'features.conv0', [
+            ('features.denseblock1.denselayer2.conv1',),
+            ('features.denseblock2.denselayer5.conv2',),
+            ('features.transition2.conv',),
+            ('features.denseblock3.denselayer10',),
+            ('features.denseblock2.denselayer3.conv2', 'features.denseblock4.denselayer3.conv1'),
+        ]),
+    'efficientnet_b0': (
+        ('canonizers.efficientnet', 'EfficientNetCanonizer'), 'features.0.0', [
+            ('features.2.1.block.0.0',),
+            ('features.4.2.block.1.0',),
+            ('features.3.0.block.3.0',),
+            ('features.6.1',),
+            ('features.4.1.block.0.0', 'features.6.2.block.3.0'),
+        ]),
+}
+
+
+class Reference:
+    '''A model, its conditions, and CRP's isolated heatmaps of them, one condition at a time.'''
+    def __init__(self, name):
+        (module, family_name), self.bottom, layer_sets = CASES[name]
+        self.family = family_canonizer(module, family_name)
+        self.model = make_model(name, dtype=torch.float64)
+        self.data = make_input(dtype=torch.float64)
+        plain = EpsilonPlusFlat(canonizers=[self.family()])
+        self.conditions = choose_conditions(self.model, self.data, layer_sets, plain)
+
+        attribution = CondAttribution(self.model, no_param_grad=False)
+        self.heatmaps, self.relevances = [], []
+        for condition in self.conditions:
+            layers = model_order(self.model, [layer for layer in condition if layer != 'y'])
+            in_crp_order = {**{layer: condition[layer] for layer in layers}, 'y': condition['y']}
+            result = attribution(self.data, [in_crp_order], plain, record_layer=[self.bottom], exclude_parallel=True)
+            self.heatmaps.append(result.heatmap)
+            self.relevances.append(result.relevances[self.bottom])
+        # CRP without isolation, on the same batch: what leaks, and the form of the recorded results
+        self.leaky = attribution(self.data, self.conditions, plain, record_layer=[self.bottom], exclude_parallel=False)
+
+    def assert_equal(self, heatmaps, bottom_relevances=None):
+        assert heatmaps.shape == (len(self.conditions),) + self.heatmaps[0].shape[1:]
+        for index, expected in enumerate(self.heatmaps):
+            assert relative_error(heatmaps[index:index + 1], expected) < 1e-9, self.conditions[index]
+            if bottom_relevances is not None:
+                assert relative_error(bottom_relevances[index:index + 1], self.relevances[index]) < 1e-9
+
+
+_REFERENCES = {}
+
+
+@pytest.fixture(params=list(CASES))
+def reference(request):
+    if request.param not in _REFERENCES:
+        _REFERENCES[request.param] = Reference(request.param)
+    return _REFERENCES[request.param]
+
+
+def test_call_equals_crp_exclude_parallel_in_one_pass(reference):
+    model = reference.model
+    canonizer = reference.family()
+    attribution = IsolatingCondAttribution(model, no_param_grad=False)
+    sizes, handle = count_forwards(model)
+    try:
+        result = attribution(reference.data, reference.conditions, EpsilonPlusFlat(canonizers=[canonizer]),
+                             record_layer=[reference.bottom])
+    finally:
+        handle.remove()
+
+    assert sizes == [len(reference.conditions)]
+    reference.assert_equal(result.heatmap, result.relevances[reference.bottom])
+    # recorded as CRP records them without isolation: the same layers and shapes, the same forward pass
+    leaky = reference.leaky
+    assert list(result.relevances) == list(leaky.relevances)
+    assert list(result.activations) == list(leaky.activations)
+    for name in leaky.relevances:
+        assert result.relevances[name].shape == leaky.relevances[name].shape
+        assert torch.equal(result.activations[name], leaky.activations[name])
+    assert torch.equal(result.prediction, leaky.prediction)
+    assert canonizer.cut == {}
+    # the oracle is not trivially met: without the cuts, relevance leaks around the conditioned layers
+    cuts = cuts_for(model, reference.conditions)
+    leaks = [relative_error(leaky.heatmap[index:index + 1], expected)
+             for index, expected in enumerate(reference.heatmaps) if cuts[index]]
+    assert len(leaks) >= 3 and max(leaks) > 1e-2
+
+
+def test_generate_mixed_layers_over_batches(reference):
+    attribution = IsolatingCondAttribution(reference.model, no_param_grad=False)
+    composite = EpsilonPlusFlat(canonizers=[reference.family()])
+    conditions = reference.conditions
+    batch_size = 2
+    sizes, handle = count_forwards(reference.model)
+    try:
+        results = list(attribution.generate(reference.data, conditions, composite, record_layer=[reference.bottom],
+                                            batch_size=batch_size, verbose=False))
+    finally:
+        handle.remove()
+
+    batches = math.ceil(len(conditions) / batch_size)
+    # one forward pass per batch, the last padded to the batch size as CRP pads it
+    assert sizes == [batch_size] * batches
+    assert [len(result.heatmap) for result in results] == [
+        min(batch_size, len(conditions) - index * batch_size) for index in range(batches)]
+    heatmaps = torch.cat([result.heatmap for result in results])
+    relevances = torch.cat([result.relevances[reference.bottom] for result in results])
+    reference.assert_equal(heatmaps, relevances)
+    for result in results:
+        assert set(result.relevances) == set(reference.leaky.relevances)
+        assert len(result.prediction) == len(result.heatmap)
+
+
+# --- cuts_for tables, written from the architectures --------------------------------------------------------------
+
+RESNET50_CUTS = [
+    (['layer1.0.conv1'], {'layer1.0': 'skip'}),
+    (['layer2.3.bn2'], {'layer2.3': 'skip'}),
+    (['layer2.0.downsample.0'], {'layer2.0': 'residual'}),
+    (['layer4.0.downsample.1'], {'layer4.0': 'residual'}),
+    (['layer3.1'], {}),
+    (['conv1'], {}),
+    (['layer4'], {}),
+    (['fc'], {}),
+    ([], {}),
+    (['layer2.0.conv1', 'layer2.0.conv3'], {'layer2.0': 'skip'}),
+    (['layer4.2.conv3', 'layer1.1.conv2'], {'layer4.2': 'skip', 'layer1.1': 'skip'}),
+    (['layer3.0.downsample.0', 'layer2.3.conv2', 'layer3.0'], {'layer3.0': 'residual', 'layer2.3': 'skip'}),
+]
+
+DENSENET121_CUTS = [
+    (['features.denseblock1.denselayer1.conv1'], {'features.denseblock1.denselayer1': 'skip'}),
+    (['features.denseblock2.denselayer12.norm2'], {'features.denseblock2.denselayer12': 'skip'}),
+    (['features.denseblock3.denselayer24.conv2'], {'features.denseblock3.denselayer24': 'skip'}),
+    # a dense layer's output is its transforming branch alone: relevance through it must not bypass it
+    (['features.denseblock3.denselayer10'], {'features.denseblock3.denselayer10': 'skip'}),
+    (['features.denseblock2'], {}),
+    (['features.transition1.conv'], {}),
+    (['features.transition3'], {}),
+    (['features.conv0'], {}),
+    (['features.norm5'], {}),
+    (['classifier'], {}),
+    (['features.denseblock4.denselayer16.conv2', 'features.denseblock1.denselayer6.relu1'],
+     {'features.denseblock4.denselayer16': 'skip', 'features.denseblock1.denselayer6': 'skip'}),
+]
+
+# blocks without a residual connection (stride 2, or other channel counts) have no skip to cut
+EFFICIENTNET_B0_CUTS = [
+    (['features.2.1.block.0.0'], {'features.2.1': 'skip'}),
+    (['features.4.2.block.3.1'], {'features.4.2': 'skip'}),
+    (['features.6.3.block.1.0'], {'features.6.3': 'skip'}),
+    (['features.1.0.block.0.0'], {}),
+    (['features.2.0.block.1.0'], {}),
+    (['features.5.0.block.3.0'], {}),
+    (['features.7.0.block.0.0'], {}),
+    (['features.6.1'], {}),
+    (['features.0.0'], {}),
+    (['features.8.0'], {}),
+    (['features.6.2.block.3.0', 'features.3.1.block.0.0', 'features.3.0.block.0.0'],
+     {'features.6.2': 'skip', 'features.3.1': 'skip'}),
+]
+
+MOBILENET_V2_CUTS = [
+    (['features.3.conv.0.0'], {'features.3': 'skip'}),
+    (['features.16.conv.2'], {'features.16': 'skip'}),
+    (['features.2.conv.1.0'], {}),
+    (['features.11.conv.0.0'], {}),
+    (['features.17.conv.2'], {}),
+    (['features.13'], {}),
+    (['features.18.0'], {}),
+    (['features.9.conv.1.0', 'features.5.conv.3'], {'features.9': 'skip', 'features.5': 'skip'}),
+]
+
+TABLES = [
+    ('resnet50', ('canonizers', 'ResNetCanonizer'), RESNET50_CUTS),
+    ('densenet121', ('canonizers.densenet', 'DenseNetCanonizer'), DENSENET121_CUTS),
+    ('efficientnet_b0', ('canonizers.efficientnet', 'EfficientNetCanonizer'), EFFICIENTNET_B0_CUTS),
+    ('mobilenet_v2', ('canonizers.mobilenet', 'MobileNetCanonizer'), MOBILENET_V2_CUTS),
+]
+
+
+@pytest.mark.parametrize('name, family, table', TABLES)
+def test_cuts_for_table(name, family, table):
+    family_canonizer(*family)
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    conditions = [{**{layer: [0] for layer in layers}, 'y': [1]} for layers, _ in table]
+    cuts = cuts_for(model, conditions)
+    assert cuts == [expected for _, expected in table]
+    # the family canonizer accepts them all at once, as a per-sample cut
+    family_canonizer(*family)(cut=PerSampleCut(cuts)).check(model)
+
+
+def test_cuts_for_model_without_parallel_paths():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten())
+    assert cuts_for(model, [{'0': [1], 'y': [0]}, {'1': [0, 2]}]) == [{}, {}]
+    with pytest.raises(ValueError, match=r"'3'"):
+        cuts_for(model, [{'3': [1]}])
+
+
+# --- errors -------------------------------------------------------------------------------------------------------
+
+def test_parallel_layers_are_refused_naming_the_block():
+    model = make_model('resnet50')
+    condition = {'layer2.0.conv1': [0], 'layer2.0.downsample.0': [0], 'y': [TARGET]}
+    message = r"'layer2\.0\.conv1'.*'layer2\.0\.downsample\.0'.*parallel branches of block 'layer2\.0'"
+    with pytest.raises(ValueError, match=message):
+        cuts_for(model, [{'layer1.0.conv1': [0]}, condition])
+    with pytest.raises(ValueError, match=r'condition 1 '):
+        cuts_for(model, [{'layer1.0.conv1': [0]}, condition])
+
+
+@pytest.mark.parametrize('condition, message', [
+    ({'layer2.0.conv1': [0], 'layer2.0.downsample.0': [1], 'y': [TARGET]}, r"parallel branches of block 'layer2\.0'"),
+    ({'layer9.conv1': [0], 'y': [TARGET]}, r"not modules of the model: 'layer9\.conv1'"),
+])
+def test_bad_condition_is_refused_before_anything_changes(condition, message):
+    model = make_model('resnet18')
+    data = make_input()
+    canonizer = ResNetCanonizer()
+    attribution = IsolatingCondAttribution(model, no_param_grad=False)
+    before = snapshot(model)
+    sizes, handle = count_forwards(model)
+    conditions = [{'layer1.0.conv1': [0], 'y': [TARGET]}, condition]
+    try:
+        with pytest.raises(ValueError, match=message):
+            attribution(data, conditions, EpsilonPlusFlat(canonizers=[canonizer]))
+        with pytest.raises(ValueError, match=message):
+            next(attribution.generate(data, conditions, EpsilonPlusFlat(canonizers=[canonizer]), batch_size=1,
+                                      verbose=False))
+    finally:
+        handle.remove()
+    assert sizes == []
+    assert canonizer.cut == {}
+    assert_untouched(model, before)
+    with pytest.raises(ValueError, match=r"'layer9\.conv1'"):
+        cuts_for(model, [{'layer9.conv1': [0], 'y': [TARGET]}])
+
+
+@pytest.mark.parametrize('composite, message', [
+    (None, r'no composite was given; .*canonizers\.ResNetCanonizer'),
+    (EpsilonPlusFlat(canonizers=[ZennitResNetCanonizer()]), r'its composite holds none; .*canonizers\.ResNetCanonizer'),
+    (EpsilonPlusFlat(), r'holds none; .*EpsilonPlusFlat\(canonizers=\[canonizers\.ResNetCanonizer\(\)\]\)'),
+])
+def test_composite_without_package_canonizer_is_refused(composite, message):
+    model = make_model('resnet18')
+    attribution = IsolatingCondAttribution(model, no_param_grad=False)
+    with pytest.raises(ValueError, match=message):
+        attribution(make_input(), [{'layer1.0.conv1': [0], 'y': [TARGET]}], composite)
+    with pytest.raises(ValueError, match=message):
+        next(attribution.generate(make_input(), [{'y': [TARGET]}], composite, verbose=False))
+
+
+def test_model_without_family_is_refused_with_the_alternative():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    model(make_input(requires_grad=False))
+    attribution = IsolatingCondAttribution(model.eval(), no_param_grad=False)
+    message = r'without parallel paths needs no isolation, use crp\.attribution\.CondAttribution with exclude_parallel'
+    with pytest.raises(ValueError, match=message):
+        attribution(make_input(), [{'0': [0], 'y': [1]}], EpsilonPlusFlat())
+
+
+def test_block_the_composite_does_not_rewrite_is_refused():
+    # resnet50 has bottlenecks only: a basic-block canonizer cannot cut them, so its conditions cannot be isolated
+    model = make_model('resnet50')
+    composite = EpsilonPlusFlat(canonizers=[ExactMergeBatchNorm(), ResNetBasicBlockCanonizer()])
+    attribution = IsolatingCondAttribution(model, no_param_grad=False)
+    with pytest.raises(ValueError, match=r"'skip' branch of block 'layer2\.0' cut, but no canonizer in the composite "
+                                         r"rewrites that block; .*canonizers\.ResNetCanonizer"):
+        attribution(make_input(), [{'layer2.0.conv1': [0], 'y': [TARGET]}], composite)
+
+
+def test_empty_conditions_and_several_samples_in_generate_are_refused():
+    model = make_model('resnet18')
+    attribution = IsolatingCondAttribution(model, no_param_grad=False)
+    composite = EpsilonPlusFlat(canonizers=[ResNetCanonizer()])
+    with pytest.raises(ValueError, match='conditions is empty'):
+        attribution(make_input(), [], composite)
+    with pytest.raises(ValueError, match='data holds 2'):
+        next(attribution.generate(make_input(2), [{'y': [TARGET]}], composite, verbose=False))
+
+
+# --- restoring, compatibility ---------------------------------------------------------------------------------------
+
+def failing_mask(batch_id, concept_ids, layer_name):
+    def mask(grad):
+        raise RuntimeError('mask failed')
+    return mask
+
+
+@pytest.mark.parametrize('method', ['call', 'generate'])
+def test_previous_cut_and_model_are_restored_also_on_error(method):
+    model = make_model('resnet18', dtype=torch.float64)
+    data = make_input(dtype=torch.float64)
+    previous = {'layer1.0': 'residual'}
+    canonizer = ResNetCanonizer(cut=previous)
+    attribution = IsolatingCondAttribution(model, no_param_grad=False)
+    conditions = [{'layer3.0.conv1': [0], 'y': [TARGET]}, {'layer2.1.conv2': [1], 'y': [TARGET]}]
+
+    def run(**kwargs):
+        composite = EpsilonPlusFlat(canonizers=[canonizer])
+        if method == 'call':
+            return attribution(data, conditions, composite, **kwargs).heatmap
+        return torch.cat([result.heatmap for result in attribution.generate(data, conditions, composite,
+                                                                            verbose=False, **kwargs)])
+
+    before = snapshot(model)
+    with pytest.warns(UserWarning, match=r"the cut \{'layer1\.0': 'residual'\} of ResNetCanonizer .* restored"):
+        with pytest.raises(RuntimeError, match='mask failed'):
+            run(mask_map=failing_mask)
+    assert canonizer.cut == previous
+    # also the hooks CRP adds to record layers, which CondAttribution itself leaves behind on error
+    assert_untouched(model, before)
+
+    with pytest.warns(UserWarning, match='restored'):
+        heatmaps = run()
+    assert canonizer.cut == previous
+    assert_untouched(model, before)
+    # the previous cut took no part
+    canonizer.cut = None
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert torch.equal(run(), heatmaps)
+
+
+def test_exclude_parallel_false_is_crp_unchanged():
+    model = make_model('resnet18', dtype=torch.float64)
+    data = make_input(dtype=torch.float64)
+    conditions = choose_conditions(model, data, [('layer3.0.conv1',), ('layer2.1.conv2', 'layer1.0')],
+                                   EpsilonPlusFlat(canonizers=[ResNetCanonizer()]))
+    cut = {'layer4.0': 'residual'}
+
+    def run(attribution_type, canonizers, generate=False):
+        attribution = attribution_type(model, no_param_grad=False)
+        composite = EpsilonPlusFlat(canonizers=canonizers)
+        if generate:
+            return torch.cat([result.heatmap for result in attribution.generate(
+                data, conditions, composite, batch_size=1, exclude_parallel=False, verbose=False)])
+        return attribution(data, conditions, composite, exclude_parallel=False).heatmap
+
+    canonizer = ResNetCanonizer(cut=cut)
+    ours = run(IsolatingCondAttribution, [canonizer])
+    assert torch.equal(ours, run(CondAttribution, [ResNetCanonizer(cut=cut)]))
+    assert canonizer.cut == cut
+    # no canonizer of this package needed, as for CondAttribution
+    assert torch.equal(run(IsolatingCondAttribution, [], True), run(CondAttribution, [], True))
+    isolated = IsolatingCondAttribution(model, no_param_grad=False)(
+        data, conditions, EpsilonPlusFlat(canonizers=[ResNetCanonizer()])).heatmap
+    assert relative_error(ours, isolated) > 1e-3
+
+
+def test_start_layer_init_rel_mask_map_and_on_device_as_crp():
+    model = make_model('resnet18', dtype=torch.float64)
+    data = make_input(dtype=torch.float64)
+    plain = EpsilonPlusFlat(canonizers=[ResNetCanonizer()])
+    layers = ['layer3.0.conv2', 'layer2.0.downsample.0']
+    options = {'start_layer': 'layer3.1', 'init_rel': lambda activation: activation.clamp(min=0),
+               'mask_map': {layer: ChannelConcept.mask for layer in layers}, 'on_device': 'cpu'}
+    start = CondAttribution(model, no_param_grad=False)(data, [{}], plain, record_layer=layers, exclude_parallel=False,
+                                                         **options)
+    conditions = [{layer: [argmax_channel(start.relevances[layer])]} for layer in layers]
+
+    result = IsolatingCondAttribution(model, no_param_grad=False)(
+        data, conditions, EpsilonPlusFlat(canonizers=[ResNetCanonizer()]), **options)
+    for index, condition in enumerate(conditions):
+        expected = CondAttribution(model, no_param_grad=False)(data, [condition], plain, exclude_parallel=True,
+                                                               **options)
+        assert relative_error(result.heatmap[index], expected.heatmap[0]) < 1e-9
+        assert torch.equal(result.prediction[index], expected.prediction[0])
+
+
+def test_broadcast_and_block_canonizers_in_nested_composite():
+    # every data sample with every condition (sample-major), as CondAttribution broadcasts; block-level canonizers,
+    # also inside zennit's CompositeCanonizer, are found and cut
+    model = make_model('resnet18', dtype=torch.float64)
+    data = make_input(2, dtype=torch.float64)
+    conditions = choose_conditions(model, data[:1], [('layer3.0.downsample.0',), ('layer1.1.conv1', 'layer4.1.conv2')],
+                                   EpsilonPlusFlat(canonizers=[ResNetCanonizer()])) + [{'y': [1]}]
+    attribution = IsolatingCondAttribution(model, no_param_grad=False)
+    nested = CompositeCanonizer([ExactMergeBatchNorm(), ResNetBasicBlockCanonizer()])
+    heatmaps = attribution(data, conditions, EpsilonPlusFlat(canonizers=[nested])).heatmap
+    pairwise = attribution(data, conditions[:2], EpsilonPlusFlat(canonizers=[ResNetCanonizer()])).heatmap
+
+    reference = CondAttribution(model, no_param_grad=False)
+    plain = EpsilonPlusFlat(canonizers=[ResNetCanonizer()])
+    assert heatmaps.shape[0] == 6
+    for sample in range(2):
+        one = data[sample:sample + 1].detach().requires_grad_()
+        for index, condition in enumerate(conditions):
+            crp_order = {key: condition[key] for key in sorted(condition, key=lambda key: key != 'layer4.1.conv2')}
+            expected = reference(one, [crp_order], plain, exclude_parallel=True).heatmap
+            assert relative_error(heatmaps[sample * 3 + index], expected[0]) < 1e-9
+            if index == sample:
+                assert relative_error(pairwise[sample], expected[0]) < 1e-9
+
+
+def test_generate_shows_progress(capsys):
+    model = make_model('resnet18')
+    attribution = IsolatingCondAttribution(model, no_param_grad=False)
+    composite = EpsilonPlusFlat(canonizers=[ResNetCanonizer()])
+    conditions = [{'layer1.0.conv1': [0], 'y': [TARGET]}, {'layer4.0.downsample.0': [0], 'y': [TARGET]},
+                  {'y': [TARGET]}]
+    list(attribution.generate(make_input(), conditions, composite, batch_size=1, verbose=True))
+    assert '3/3' in capsys.readouterr().err
+    list(attribution.generate(make_input(), conditions, composite, batch_size=2, verbose=False))
+    assert capsys.readouterr().err == ''
+
+
+def test_import_without_crp():
+    # canonizers works without zennit-crp; only canonizers.crp needs it, and says how to install it
+    code = '''
+import sys
+sys.modules['crp'] = None
+import canonizers
+try:
+    import canonizers.crp
+except ImportError as error:
+    print(error)
+'''
+    environment = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    output = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, env=environment)
+    assert 'pip install zennit-canonizers[crp]' in output.stdout
