@@ -13,16 +13,13 @@ from pathlib import Path
 import torch
 import torchvision
 from zennit.attribution import Gradient
-from zennit.composites import EpsilonPlusFlat, LayerMapComposite
-from zennit.core import stabilize
-from zennit.layer import Sum
-from zennit.rules import Epsilon, Norm, Pass
-from zennit.types import Activation, AvgPool, Linear
+from zennit.composites import EpsilonPlusFlat
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import interleaved, median, table  # noqa: E402
 
 from canonizers import DenseNetCanonizer  # noqa: E402
+from canonizers.evaluation import conservation, randomize_batch_norms  # noqa: E402
 
 CUT = {'features.denseblock2.denselayer3': 'skip', 'features.denseblock3.*': 'residual'}
 VARIANTS = {
@@ -36,21 +33,8 @@ TARGET = 3
 def make_model(device: torch.device, dtype: torch.dtype = torch.float32, bias_free: bool = False) -> torch.nn.Module:
     '''densenet121 with random weights and random batch-norm statistics (fresh batch norms are the identity).'''
     torch.manual_seed(0)
-    model = torchvision.models.densenet121()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_var.uniform_(.5, 2.)
-                module.weight.uniform_(.5, 1.5)
-                if bias_free:
-                    module.running_mean.zero_()
-                    module.bias.zero_()
-                else:
-                    module.running_mean.uniform_(-.5, .5)
-                    module.bias.uniform_(-.5, .5)
-            elif bias_free and isinstance(module, torch.nn.Linear):
-                module.bias.zero_()
-    return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    model = randomize_batch_norms(torchvision.models.densenet121(), bias_free=bias_free)
+    return model.requires_grad_(False).to(device=device, dtype=dtype)
 
 
 def attribute(model: torch.nn.Module, data: torch.Tensor, composite) -> tuple:
@@ -60,27 +44,12 @@ def attribute(model: torch.nn.Module, data: torch.Tensor, composite) -> tuple:
     return output, relevance
 
 
-def sum_rule() -> Norm:
-    '''zennit's Norm rule with negligible stabilizer, in zennit 0.4.6 (fixed 1e-6) and 0.5.1 alike.'''
-    try:
-        return Norm(stabilizer=1e-30)
-    except TypeError:
-        rule = Norm()
-        rule.gradient_mapper = lambda out_grad, outputs: out_grad / stabilize(outputs[0], 1e-30)
-        return rule
-
-
-def conservation(canonizers, args) -> float:
+def conservation_ratio(canonizers, args) -> float:
     '''Input relevance sum over output relevance, bias-free float64 model, Epsilon rule with epsilon 1e-30.'''
     device = torch.device(args.device)
     model = make_model(device, torch.float64, bias_free=True)
     data = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    composite = LayerMapComposite(
-        layer_map=[(Activation, Pass()), (Sum, sum_rule()), (AvgPool, sum_rule()), (Linear, Epsilon(epsilon=1e-30))],
-        canonizers=canonizers,
-    )
-    output, relevance = attribute(model, data.to(device).requires_grad_(), composite)
-    return relevance.sum().item() / output[0, TARGET].item()
+    return conservation(model, data.to(device), TARGET, canonizers)
 
 
 def main() -> None:
@@ -112,8 +81,8 @@ def main() -> None:
     print(f'\nconservation, bias-free float64 densenet121, {args.size}x{args.size}, Epsilon(1e-30) everywhere: '
           'input relevance sum / output relevance (1 is exact)')
     print(table(['canonizer', 'ratio'], [
-        ['zennit alone (no canonizer)', f'{conservation([], args):.6g}'],
-        ['DenseNetCanonizer()', f'{conservation([DenseNetCanonizer()], args):.12f}'],
+        ['zennit alone (no canonizer)', f'{conservation_ratio([], args):.6g}'],
+        ['DenseNetCanonizer()', f'{conservation_ratio([DenseNetCanonizer()], args):.12f}'],
     ]))
 
 

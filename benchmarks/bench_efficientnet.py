@@ -22,13 +22,10 @@ import torch
 import torchvision
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
-from zennit.composites import EpsilonPlusFlat, LayerMapComposite
-from zennit.core import stabilize
-from zennit.layer import Sum
-from zennit.rules import Epsilon, Norm, Pass
-from zennit.types import Activation, AvgPool, Linear
+from zennit.composites import EpsilonPlusFlat
 
 from canonizers import EfficientNetCanonizer, MobileNetCanonizer
+from canonizers.evaluation import conservation, output_relevance, randomize_batch_norms
 
 TARGET = 3
 # batch-norm weights that keep the activations of the random networks alive (logits of order 1 to 100): with
@@ -48,58 +45,15 @@ def build(name: str, bias_free: bool, dtype: torch.dtype, device: str) -> torch.
     '''A torchvision model with random weights and randomised batch-norm statistics, in eval mode.'''
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10)
-    generator = torch.Generator().manual_seed(0)
-    low, high = MODELS[name][1]
-
-    def uniform(tensor: torch.Tensor, low: float, high: float) -> torch.Tensor:
-        return torch.rand(tensor.shape, generator=generator, dtype=torch.float64).mul(high - low).add(low).to(tensor)
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_var.copy_(uniform(module.running_var, .5, 2.))
-                module.weight.copy_(uniform(module.weight, low, high))
-                module.running_mean.copy_(uniform(module.running_mean, -.5, .5) * (not bias_free))
-                module.bias.copy_(uniform(module.bias, -.5, .5) * (not bias_free))
-            elif bias_free and isinstance(module, Linear) and module.bias is not None:
-                module.bias.zero_()
-    return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    model = randomize_batch_norms(model, seed=0, bias_free=bias_free, weight=MODELS[name][1])
+    return model.requires_grad_(False).to(device=device, dtype=dtype)
 
 
-def sum_rule(stabilizer: float) -> Norm:
-    '''zennit's Norm rule with a chosen stabilizer, for zennit 0.4.6 (fixed 1e-6) and 0.5 alike.'''
-    try:
-        return Norm(stabilizer=stabilizer)
-    except TypeError:
-        rule = Norm()
-        rule.gradient_mapper = lambda out_grad, outputs: out_grad / stabilize(outputs[0], stabilizer)
-        return rule
-
-
-def conservation_composite(canonizers: list) -> LayerMapComposite:
-    '''Epsilon rule with negligible epsilon everywhere: relevance is conserved exactly on bias-free models.'''
-    return LayerMapComposite(
-        layer_map=[
-            (Activation, Pass()),
-            (Sum, sum_rule(1e-30)),
-            (AvgPool, sum_rule(1e-30)),
-            (Linear, Epsilon(epsilon=1e-30)),
-        ],
-        canonizers=canonizers,
-    )
-
-
-def one_hot(output: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.one_hot(torch.tensor(TARGET), output.shape[1]).to(output) * output
-
-
-def conservation(name: str, canonizers: list, size: int, device: str) -> float:
+def conservation_ratio(name: str, canonizers: list, size: int, device: str) -> float:
     '''Input relevance divided by the explained logit; 1.0 is exact conservation.'''
     model = build(name, True, torch.float64, device)
     data = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with Gradient(model, conservation_composite(canonizers)) as attributor:
-        output, relevance = attributor(data.to(device).requires_grad_(), one_hot)
-    return relevance.sum().item() / output[0, TARGET].item()
+    return conservation(model, data.to(device), TARGET, canonizers)
 
 
 def attribution_seconds(model: torch.nn.Module, canonizers: list, data: torch.Tensor, device: str) -> float:
@@ -108,7 +62,7 @@ def attribution_seconds(model: torch.nn.Module, canonizers: list, data: torch.Te
         torch.cuda.synchronize()
     start = time.perf_counter()
     with Gradient(model, EpsilonPlusFlat(canonizers=canonizers)) as attributor:
-        _, relevance = attributor(data, one_hot)
+        _, relevance = attributor(data, lambda output: output_relevance(output, TARGET))
     relevance.sum().item()
     if device == 'cuda':
         torch.cuda.synchronize()
@@ -128,7 +82,7 @@ def main() -> None:
     rows = []
     for name in MODELS:
         labels = [label.format(MODELS[name][0].__name__) for label, _ in CANONIZERS]
-        figures = [conservation(name, make(name), args.size, args.device) for _, make in CANONIZERS]
+        figures = [conservation_ratio(name, make(name), args.size, args.device) for _, make in CANONIZERS]
 
         model = build(name, False, torch.float32, args.device)
         data = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))

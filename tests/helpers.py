@@ -4,36 +4,16 @@ import functools
 
 import torch
 import torchvision
-from zennit.composites import LayerMapComposite
-from zennit.core import stabilize
-from zennit.layer import Sum
-from zennit.rules import Epsilon, Norm, Pass
-from zennit.types import Activation, AvgPool, Linear
+
+from canonizers.evaluation import (  # noqa: F401 (shared with the test modules through this file)
+    conservation_composite,
+    output_relevance,
+    randomize_batch_norms,
+    relative_error,
+    sum_rule,
+)
 
 HOOK_DICTS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
-
-
-def randomize_batch_norms(model, seed=0, bias_free=False, weight=(0.5, 1.5)):
-    '''Give every batch norm random statistics (a fresh batch norm is the identity and tests nothing).'''
-    generator = torch.Generator().manual_seed(seed)
-
-    def uniform(tensor, low, high):
-        return torch.rand(tensor.shape, generator=generator, dtype=torch.float64).mul(high - low).add(low).to(tensor)
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_var.copy_(uniform(module.running_var, 0.5, 2.))
-                module.weight.copy_(uniform(module.weight, *weight))
-                if bias_free:
-                    module.running_mean.zero_()
-                    module.bias.zero_()
-                else:
-                    module.running_mean.copy_(uniform(module.running_mean, -.5, .5))
-                    module.bias.copy_(uniform(module.bias, -.5, .5))
-            elif bias_free and getattr(module, 'bias', None) is not None and isinstance(module, Linear):
-                module.bias.zero_()
-    return model.eval()
 
 
 @functools.cache
@@ -53,10 +33,6 @@ def make_input(batch=1, size=64, dtype=torch.float32, seed=1, requires_grad=True
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=generator, dtype=torch.float64).to(dtype).requires_grad_(
         requires_grad)
-
-
-def relative_error(value, reference):
-    return ((value - reference).abs().max() / reference.abs().max()).item()
 
 
 def snapshot(model):
@@ -92,34 +68,6 @@ def assert_untouched(model, before):
     for key, (value, dtype) in before['state'].items():
         assert after['state'][key][1] == dtype, key
         assert torch.equal(after['state'][key][0], value), key
-
-
-def sum_rule(stabilizer):
-    '''zennit's Norm rule for sums with a chosen stabilizer, for zennit 0.4.6 (fixed 1e-6) and 0.5.1 alike.'''
-    try:
-        return Norm(stabilizer=stabilizer)
-    except TypeError:
-        rule = Norm()
-        rule.gradient_mapper = lambda out_grad, outputs: out_grad / stabilize(outputs[0], stabilizer)
-        return rule
-
-
-def conservation_composite(canonizers):
-    '''Epsilon rule with negligible epsilon everywhere: relevance is conserved exactly on bias-free models.'''
-    return LayerMapComposite(
-        layer_map=[
-            (Activation, Pass()),
-            (Sum, sum_rule(1e-30)),
-            (AvgPool, sum_rule(1e-30)),
-            (Linear, Epsilon(epsilon=1e-30)),
-        ],
-        canonizers=canonizers,
-    )
-
-
-def output_relevance(output, target):
-    '''Relevance at the output: the logit of ``target``, nothing elsewhere.'''
-    return torch.nn.functional.one_hot(torch.as_tensor(target), output.shape[1]).to(output) * output
 
 
 def crp_heatmap(model, data, conditions, composite, exclude_parallel):

@@ -1,0 +1,149 @@
+'''Tools to measure canonizers rather than trust them: models with random batch-norm statistics, the composite under
+which relevance is conserved exactly, and the figures built on them. Used by the test suite and the benchmarks.'''
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from zennit.attribution import Gradient
+from zennit.canonizers import Canonizer
+from zennit.composites import LayerMapComposite
+from zennit.core import stabilize
+from zennit.layer import Sum
+from zennit.rules import Epsilon, Norm, Pass
+from zennit.types import Activation, AvgPool, BatchNorm, Linear
+
+
+def randomize_batch_norms(
+    model: torch.nn.Module,
+    seed: int = 0,
+    bias_free: bool = False,
+    weight: Tuple[float, float] = (0.5, 1.5),
+) -> torch.nn.Module:
+    '''Give every batch norm random statistics and affine parameters, and put the model in eval mode.
+
+    A freshly initialised batch norm is the identity and tests nothing.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model, modified in place.
+    seed: int
+        Seed of the random numbers.
+    bias_free: bool
+        If True, batch-norm means and shifts and all biases of linear layers are 0, so that the model has no bias
+        anywhere (relevance is then conserved exactly under the Epsilon rule).
+    weight: (float, float)
+        Range of the batch-norm weights; variances lie in [0.5, 2], means and shifts in [-0.5, 0.5].
+
+    Returns
+    -------
+    :py:obj:`torch.nn.Module`
+        ``model``, in eval mode.
+    '''
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(tensor: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return torch.rand(tensor.shape, generator=generator, dtype=torch.float64).mul(high - low).add(low).to(tensor)
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, BatchNorm):
+                module.running_var.copy_(uniform(module.running_var, 0.5, 2.))
+                module.weight.copy_(uniform(module.weight, *weight))
+                if bias_free:
+                    module.running_mean.zero_()
+                    module.bias.zero_()
+                else:
+                    module.running_mean.copy_(uniform(module.running_mean, -.5, .5))
+                    module.bias.copy_(uniform(module.bias, -.5, .5))
+            elif bias_free and isinstance(module, Linear) and module.bias is not None:
+                module.bias.zero_()
+    return model.eval()
+
+
+def sum_rule(stabilizer: float) -> Norm:
+    '''zennit's rule for sums and average pools with a chosen stabilizer, in zennit 0.4.6 (whose ``Norm`` has a fixed
+    stabilizer of 1e-6) and 0.5.1 alike.
+
+    Parameters
+    ----------
+    stabilizer: float
+        The stabilizer of the division by the output.
+
+    Returns
+    -------
+    :py:obj:`zennit.rules.Norm`
+        The rule.
+    '''
+    try:
+        return Norm(stabilizer=stabilizer)
+    except TypeError:
+        rule = Norm()
+        rule.gradient_mapper = lambda out_grad, outputs: out_grad / stabilize(outputs[0], stabilizer)
+        return rule
+
+
+def conservation_composite(canonizers: Sequence[Canonizer], epsilon: float = 1e-30) -> LayerMapComposite:
+    '''The Epsilon rule with negligible epsilon on every linear layer, the same stabilizer on sums and average pools,
+    and relevance passed through activations: on a model without biases, relevance is conserved exactly.
+
+    Parameters
+    ----------
+    canonizers: sequence of :py:obj:`zennit.canonizers.Canonizer`
+        Canonizers of the composite.
+    epsilon: float
+        The epsilon and stabilizer.
+
+    Returns
+    -------
+    :py:obj:`zennit.composites.LayerMapComposite`
+        The composite.
+    '''
+    return LayerMapComposite(
+        layer_map=[
+            (Activation, Pass()),
+            (Sum, sum_rule(epsilon)),
+            (AvgPool, sum_rule(epsilon)),
+            (Linear, Epsilon(epsilon=epsilon)),
+        ],
+        canonizers=list(canonizers),
+    )
+
+
+def output_relevance(output: torch.Tensor, target: int) -> torch.Tensor:
+    '''Relevance at the output: the logit of ``target``, nothing elsewhere.'''
+    return torch.nn.functional.one_hot(torch.as_tensor(target), output.shape[1]).to(output) * output
+
+
+def conservation(
+    model: torch.nn.Module, data: torch.Tensor, target: int, canonizers: Sequence[Canonizer],
+    composite: Optional[Callable[[Sequence[Canonizer]], LayerMapComposite]] = None,
+) -> float:
+    '''Input relevance divided by output relevance (the logit of ``target``) of the first sample; 1 is exact.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        A model without biases (see :py:func:`randomize_batch_norms`), ideally in float64.
+    data: :py:obj:`torch.Tensor`
+        Input batch.
+    target: int
+        The explained class.
+    canonizers: sequence of :py:obj:`zennit.canonizers.Canonizer`
+        Canonizers to apply.
+    composite: callable, optional
+        ``canonizers -> composite``; :py:func:`conservation_composite` by default.
+
+    Returns
+    -------
+    float
+        The ratio.
+    '''
+    composite = (composite or conservation_composite)(canonizers)
+    with Gradient(model, composite) as attributor:
+        output, relevance = attributor(data.detach().requires_grad_(), lambda out: output_relevance(out, target))
+    return relevance[0].sum().item() / output[0, target].item()
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    '''Maximum absolute deviation relative to the maximum absolute reference value, in float64.'''
+    return ((value.double() - reference.double()).abs().max() / reference.double().abs().max()).item()
