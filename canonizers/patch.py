@@ -58,7 +58,13 @@ class ModulePatch:
             New value; a :py:obj:`torch.nn.Module` becomes a submodule, a :py:obj:`torch.nn.Parameter` a parameter.
         '''
         self._undo.append(_restorer(module, name))
-        setattr(module, name, value)
+        if isinstance(value, (torch.Tensor, torch.nn.Module)) or any(
+                name in module.__dict__[store] for store in _MODULE_STORES):
+            setattr(module, name, value)
+        else:
+            # a plain attribute (a float, a bound forward): Module.__setattr__ would only check that it is none of the
+            # above, at a cost that shows when canonizing in every attribution
+            module.__dict__[name] = value
 
     def on_undo(self, function: Callable[[], None]) -> None:
         '''Call ``function`` when undoing, in reverse order with all other changes.'''
