@@ -158,7 +158,12 @@ class BlockCanonizer(Canonizer):
             One registered instance per rewritten block.
         '''
         catalog = catalog or self.catalog_of(root_module)
-        resolved = self.check(root_module, catalog)
+        return self.apply_checked(root_module, catalog, self.check(root_module, catalog))
+
+    def apply_checked(
+        self, root_module: torch.nn.Module, catalog: BlockCatalog, resolved: ResolvedCut
+    ) -> List['BlockCanonizer']:
+        ''':py:meth:`apply` after :py:meth:`check` passed, with its result.'''
         instances = []
         try:
             for name, module in self.blocks(root_module).items():
@@ -268,14 +273,19 @@ class FamilyCanonizer(CompositeCanonizer):
         :py:class:`~canonizers.cuts.BlockCatalog`
             The cuttable blocks of the model.
         '''
+        return self._check_parts(root_module)[0]
+
+    def _check_parts(self, root_module: torch.nn.Module) -> Tuple[BlockCatalog, List[object]]:
+        # the catalog, and what each part's check returned (None for parts without one)
         require_eval(root_module)
         catalog = self.catalog_of(root_module)
+        checked = []
         for part in self.canonizers:
             if isinstance(part, BlockCanonizer):
-                part.check(root_module, catalog)
-            elif hasattr(part, 'check'):
-                part.check(root_module)
-        return catalog
+                checked.append(part.check(root_module, catalog))
+            else:
+                checked.append(part.check(root_module) if hasattr(part, 'check') else None)
+        return catalog, checked
 
     def apply(self, root_module: torch.nn.Module) -> List[Canonizer]:
         '''Apply all parts to ``root_module``, or none if any fails.
@@ -290,12 +300,15 @@ class FamilyCanonizer(CompositeCanonizer):
         list of :py:obj:`zennit.canonizers.Canonizer`
             The registered instances, which may be removed in any order.
         '''
-        catalog = self.check(root_module)
+        catalog, checked = self._check_parts(root_module)
         instances: List[Canonizer] = []
         try:
-            for part in self.canonizers:
+            # parts apply what their checks found, without looking for it again
+            for part, result in zip(self.canonizers, checked):
                 if isinstance(part, BlockCanonizer):
-                    instances += part.apply(root_module, catalog)
+                    instances += part.apply_checked(root_module, catalog, result)
+                elif hasattr(part, 'apply_checked'):
+                    instances += part.apply_checked(result)
                 else:
                     instances += part.apply(root_module)
         except BaseException:

@@ -408,9 +408,13 @@ class ExactMergeBatchNorm(Canonizer):
         list of :py:class:`ExactMergeBatchNorm`
             One registered instance per linear layer.
         '''
+        return self.apply_checked(self.check(root_module))
+
+    def apply_checked(self, merges: List[LinearMerge]) -> List['ExactMergeBatchNorm']:
+        ''':py:meth:`apply` after :py:meth:`check` passed, with the merges it returned.'''
         instances = []
         try:
-            for merge in self.check(root_module):
+            for merge in merges:
                 instance = self.copy()
                 instances.append(instance)
                 instance.register(merge)
