@@ -1,7 +1,9 @@
 '''Attribution time, apply+remove time and peak memory of the ResNet canonizers against zennit's.
 
 Run: ``python benchmarks/bench_resnet.py [--device cuda] [--repeats N]``. Times are medians of interleaved runs;
-ratios are against ``zennit.torchvision.ResNetCanonizer`` measured in the same run.
+ratios are medians of the per-round ratios against ``zennit.torchvision.ResNetCanonizer`` measured in the same run.
+Peak memory is the resident-set peak of one attribution in a fresh process (median of 3), which varies by a few
+percent between runs of the very same code.
 '''
 import argparse
 import subprocess
@@ -94,7 +96,7 @@ def main() -> None:
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--batch', type=int, default=4)
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--repeats', type=int, default=9)
     parser.add_argument('--peak-of', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_of:
@@ -114,13 +116,14 @@ def main() -> None:
 
     rows = []
     for variant in VARIANTS:
-        time_ratio = median(attribution[variant]) / median(attribution[reference])
-        life_ratio = median(lifecycle[variant]) / median(lifecycle[reference])
+        # the median of the per-round ratios: drifts of a shared machine hit both sides of each round alike
+        time_ratio = median([mine / theirs for mine, theirs in zip(attribution[variant], attribution[reference])])
+        life_ratio = median([mine / theirs for mine, theirs in zip(lifecycle[variant], lifecycle[reference])])
         rows.append([variant, f'{median(attribution[variant]) * 1e3:.0f}', f'{time_ratio:.3f}',
                      f'{median(lifecycle[variant]) * 1e3:.1f}', f'{life_ratio:.2f}',
                      f'{peaks[variant]:.0f}', f'{peaks[variant] / peaks[reference]:.2f}'])
     print(f'resnet50, {args.size}x{args.size}, batch {args.batch}, EpsilonPlusFlat, device {args.device}, '
-          f'torch {torch.__version__}, {args.repeats} interleaved repeats (medians)')
+          f'torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats (medians)')
     print(table(['canonizer', 'attribution ms', 'ratio', 'apply+remove ms', 'ratio', 'peak MiB', 'ratio'], rows))
 
 
