@@ -2,10 +2,11 @@
 
 Run: ``python benchmarks/bench_resnet.py [--device cuda] [--repeats N]``. Times are medians of interleaved runs;
 ratios are medians of the per-round ratios against ``zennit.torchvision.ResNetCanonizer`` measured in the same run.
-Peak memory is the resident-set peak of one attribution in a fresh process (median of 3), which varies by a few
-percent between runs of the very same code.
+Peak memory is the resident-set peak of one attribution in a fresh process (median of 3), with glibc returning freed
+blocks at once so that it follows the live tensors.
 '''
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,10 @@ def peak_memory(variant: str, args) -> float:
     '''Peak memory in MiB added by one attribution, measured in a fresh process so that earlier runs do not count.'''
     command = [sys.executable, __file__, '--peak-of', variant, '--device', args.device, '--size', str(args.size),
                '--batch', str(args.batch)]
-    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip())
+    # glibc serves large blocks by mmap and returns freed memory at once: the resident set then follows the live
+    # tensors to within a fraction of a MiB, instead of varying by a few percent with the heap's fragmentation
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+    return float(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout.strip())
 
 
 def peak_memories(args, rounds: int = 3) -> dict:
