@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# zennit 0.5.1 beside the 0.4.6 that zennit-crp pins: the suite runs against both
-ZENNIT_NEW := .zennit051
+# zennit 0.5.1 and 1.0.0 beside the 0.4.6 that zennit-crp pins: the suite runs against all three. zennit 1.0.0
+# declares Python >= 3.11.11, which pip enforces even where the code runs (tested on 3.11.7): --ignore-requires-python
+ZENNIT_051 := .zennit051
+ZENNIT_100 := .zennit100
 JOBS ?= 2
 
 .PHONY: venv test lint demo bench clean
@@ -17,18 +19,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[crp,cli,test]'
 	touch $@
 
-$(ZENNIT_NEW)/.installed: $(VENV)/.installed
-	$(PY) -m pip install -q --no-deps --target $(ZENNIT_NEW) zennit==0.5.1
+$(ZENNIT_051)/.installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --target $(ZENNIT_051) zennit==0.5.1
+	touch $@
+
+$(ZENNIT_100)/.installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --ignore-requires-python --target $(ZENNIT_100) zennit==1.0.0
 	touch $@
 
 lint: venv
 	$(PY) -m ruff check canonizers tests benchmarks scripts
 
-test: venv $(ZENNIT_NEW)/.installed lint
+test: venv $(ZENNIT_051)/.installed $(ZENNIT_100)/.installed lint
 	@echo "== test suite with zennit 0.4.6 (as pinned by zennit-crp)"
 	$(PY) -m pytest -n $(JOBS) tests
 	@echo "== test suite with zennit 0.5.1"
-	PYTHONPATH=$(ZENNIT_NEW) $(PY) -m pytest -n $(JOBS) tests
+	PYTHONPATH=$(ZENNIT_051) $(PY) -m pytest -n $(JOBS) tests
+	@echo "== test suite with zennit 1.0.0"
+	PYTHONPATH=$(ZENNIT_100) $(PY) -m pytest -n $(JOBS) tests
 
 demo: venv
 	$(PY) -m canonizers demo
@@ -37,4 +45,4 @@ bench: venv
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(ZENNIT_NEW) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(ZENNIT_051) $(ZENNIT_100) .pytest_cache .ruff_cache *.egg-info

@@ -1,8 +1,10 @@
 '''Tools to measure canonizers rather than trust them: models with random batch-norm statistics, the composite under
 which relevance is conserved exactly, and the figures built on them. Used by the test suite and the benchmarks.'''
-from typing import Callable, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
+from torchvision.ops.misc import SqueezeExcitation
 from zennit.attribution import Gradient
 from zennit.canonizers import Canonizer
 from zennit.composites import LayerMapComposite
@@ -10,6 +12,8 @@ from zennit.core import stabilize
 from zennit.layer import Sum
 from zennit.rules import Epsilon, Norm, Pass
 from zennit.types import Activation, AvgPool, BatchNorm, Linear
+
+from .patch import ModulePatch
 
 
 def randomize_batch_norms(
@@ -147,3 +151,72 @@ def conservation(
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     '''Maximum absolute deviation relative to the maximum absolute reference value, in float64.'''
     return ((value.double() - reference.double()).abs().max() / reference.double().abs().max()).item()
+
+
+def _gated_by_constant(self: SqueezeExcitation, input: torch.Tensor) -> torch.Tensor:
+    return self._scale(input).detach() * input
+
+
+@contextmanager
+def constant_gates(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    '''Context in which every squeeze-and-excitation gate of ``model`` is detached (``scale.detach() * input``): the
+    plain model with the gates held constant in the backward pass, as the canonizers of this package hold them. The
+    reference for gradients through canonized models with gates.'''
+    patch = ModulePatch()
+    try:
+        for module in model.modules():
+            if isinstance(module, SqueezeExcitation):
+                patch.set_attribute(module, 'forward', _gated_by_constant.__get__(module))
+        yield model
+    finally:
+        patch.undo()
+
+
+def parameter_gradients(
+    model: torch.nn.Module, data: torch.Tensor, target: int, canonizers: Sequence[Canonizer] = (),
+) -> Dict[str, torch.Tensor]:
+    '''Gradients of the logit of ``target`` (summed over the batch) w.r.t. every parameter of ``model``, with
+    ``canonizers`` applied alone (no rules): the parameter objects are taken before canonizing, so these are the
+    gradients w.r.t. the model's own parameters, whatever the canonizers install while applied.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model; its parameters must require gradients.
+    data: :py:obj:`torch.Tensor`
+        Input batch.
+    target: int
+        The class whose logit is differentiated.
+    canonizers: sequence of :py:obj:`zennit.canonizers.Canonizer`
+        Canonizers to apply during the forward pass; removed afterwards.
+
+    Returns
+    -------
+    dict of str to :py:obj:`torch.Tensor`
+        The gradient per parameter name, zero for parameters the output does not depend on.
+    '''
+    parameters = dict(model.named_parameters())
+    instances = []
+    try:
+        for canonizer in canonizers:
+            instances += canonizer.apply(model)
+        output = model(data)[:, target].sum()
+        gradients = torch.autograd.grad(output, list(parameters.values()), allow_unused=True)
+    finally:
+        for instance in reversed(instances):
+            instance.remove()
+    return {
+        name: torch.zeros_like(parameter) if gradient is None else gradient
+        for (name, parameter), gradient in zip(parameters.items(), gradients)
+    }
+
+
+def gradient_errors(values: Dict[str, torch.Tensor], references: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    ''':py:func:`relative_error` per name; 0 where both are zero, infinite where only the reference is.'''
+    errors = {}
+    for name, reference in references.items():
+        if reference.abs().max() == 0:
+            errors[name] = 0. if values[name].abs().max() == 0 else float('inf')
+        else:
+            errors[name] = relative_error(values[name], reference)
+    return errors

@@ -1,8 +1,14 @@
 '''Exact merging of batch norms into adjacent linear layers.
 
-zennit's ``MergeBatchNorm`` leaves the merged batch norm computing ``x / sqrt(1 + eps)`` instead of the identity, an
-error of about ``eps / 2`` per batch norm that adds up over deep networks. Here the batch norm becomes the exact
-identity (``eps`` is set to 0 while merged) and the per-channel scale and shift are computed in float64.
+zennit 0.4.6 and 0.5.1 leave the merged batch norm computing ``x / sqrt(1 + eps)`` instead of the identity, an error
+of about ``eps / 2`` per batch norm that adds up over deep networks. Here the batch norm becomes the exact identity
+(``eps`` is set to 0 while merged, as zennit 1.0 does too) and the per-channel scale and shift are computed in float64.
+
+How the merged values are installed depends on the zennit version (:py:mod:`canonizers.compat`). With zennit 1.0 and
+newer, the layers compute with tensors computed from the original parameters, so that the canonized model is the same
+function of its parameters as well as of its input (gradients w.r.t. every original parameter are exact). zennit 0.4.6
+and 0.5.1 require the layers' parameters to stay ``torch.nn.Parameter`` objects, so there the merged values replace
+the parameters' data, as zennit's own ``MergeBatchNorm`` does: the output is exact, parameter gradients are not.
 '''
 import weakref
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -11,6 +17,7 @@ import torch
 from zennit.canonizers import Canonizer
 from zennit.types import BatchNorm, ConvolutionStandard, ConvolutionTranspose, Linear
 
+from .compat import RULES_ASSIGN_PARAMETERS
 from .layers import ThresholdReLU
 from .patch import ModulePatch
 
@@ -122,12 +129,32 @@ def check_batch_norm(batch_norm: torch.nn.Module) -> None:
                            'before applying another one (nested composite contexts are not supported)')
 
 
+def install(patch: ModulePatch, module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    '''Make ``module`` compute with ``value`` as its parameter or buffer ``name`` while ``patch`` is not undone.
+
+    With zennit 1.0 and newer, ``value`` (computed from the original parameters, gradients included) shadows the
+    registered tensor; with zennit 0.4.6 and 0.5.1, it replaces the registered tensor's data (see the module
+    documentation).
+    '''
+    if RULES_ASSIGN_PARAMETERS:
+        patch.shadow(module, name, value)
+        return
+    current = getattr(module, name)
+    if current is not None:
+        patch.set_data(current, value.detach())
+        return
+    # zennit 0.4.6 and 0.5.1 rules swap parameters by setattr and need a Parameter here
+    requires_grad = any(parameter.requires_grad for parameter in module.parameters(recurse=False))
+    patch.set_attribute(module, name, torch.nn.Parameter(value.detach(), requires_grad=requires_grad))
+
+
 def make_identity(patch: ModulePatch, batch_norm: torch.nn.Module) -> None:
     '''Turn ``batch_norm`` into the exact identity while ``patch`` is not undone.'''
     for key, fill in (('running_mean', 0.), ('running_var', 1.), ('weight', 1.), ('bias', 0.)):
         tensor = getattr(batch_norm, key)
         if tensor is not None:
-            patch.set_data(tensor, torch.full_like(tensor, fill))
+            # constants: the batch norm's parameters reach the output through the merged layer alone
+            install(patch, batch_norm, key, torch.full_like(tensor, fill, requires_grad=False))
     # with eps = 0 the normalisation divides by sqrt(1) = 1 exactly
     patch.set_attribute(batch_norm, 'eps', 0.)
     _MERGED[batch_norm] = True
@@ -276,14 +303,8 @@ def merge_around_linear(
         scale, shift = (value.to(weight.device) for value in after)
         merged = scale_outputs(linear, merged, scale.to(merged.dtype))
         bias = bias * scale + shift
-    patch.set_data(weight, merged.to(weight.dtype))
-
-    merged_bias = bias.to(dtype=weight.dtype, device=weight.device)
-    if linear.bias is None:
-        # zennit 0.4.6 rules swap parameters by setattr and need a Parameter here
-        patch.set_attribute(linear, 'bias', torch.nn.Parameter(merged_bias, requires_grad=weight.requires_grad))
-    else:
-        patch.set_data(linear.bias, merged_bias)
+    install(patch, linear, 'weight', merged.to(weight.dtype))
+    install(patch, linear, 'bias', bias.to(dtype=weight.dtype, device=weight.device))
 
 
 def threshold_relu(
@@ -322,18 +343,21 @@ def apply_merge(patch: ModulePatch, merge: LinearMerge) -> None:
     merge: :py:class:`LinearMerge`
         The merge, validated by :py:func:`check_merge`.
     '''
-    before = after = None
-    if merge.before is not None:
-        scale, shift = batch_norm_affine(merge.before)
-        if merge.relu is not None:
-            parent, name = merge.relu
-            relu = getattr(parent, name)
-            module, scale, shift = threshold_relu(scale, shift, merge.linear.weight)
-            patch.set_attribute(parent, name, module.train(relu.training))
-        before = (scale, shift)
-    if merge.after is not None:
-        after = batch_norm_affine(merge.after)
-    merge_around_linear(patch, merge.linear, before, after)
+    # the merged values are functions of the original parameters where the zennit version lets them be installed so
+    # (see the module documentation); elsewhere they are only values, and no graph needs to be recorded
+    with torch.enable_grad() if RULES_ASSIGN_PARAMETERS else torch.no_grad():
+        before = after = None
+        if merge.before is not None:
+            scale, shift = batch_norm_affine(merge.before)
+            if merge.relu is not None:
+                parent, name = merge.relu
+                relu = getattr(parent, name)
+                module, scale, shift = threshold_relu(scale, shift, merge.linear.weight)
+                patch.set_attribute(parent, name, module.train(relu.training))
+            before = (scale, shift)
+        if merge.after is not None:
+            after = batch_norm_affine(merge.after)
+        merge_around_linear(patch, merge.linear, before, after)
     for batch_norm in (merge.before, merge.after):
         if batch_norm is not None:
             make_identity(patch, batch_norm)

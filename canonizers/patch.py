@@ -66,6 +66,46 @@ class ModulePatch:
             # above, at a cost that shows when canonizing in every attribution
             module.__dict__[name] = value
 
+    def shadow(self, module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+        '''Make ``module.<name>`` return ``value``, keeping the registered parameter or buffer of that name.
+
+        ``value`` is put into the instance dictionary, where attribute lookup finds it before ``Module.__getattr__``
+        looks in the registries (as zennit 1.0's ``MergeBatchNorm`` does with ``object.__setattr__``): the forward
+        computes with ``value``, which may be a tensor computed from the original parameters, so that gradients reach
+        them, while ``named_parameters()`` and ``state_dict()`` still hold the original objects. A missing parameter
+        (``None``, such as an absent bias) gets a placeholder parameter with ``value``'s data, because zennit 1.0's
+        rules load their modified parameters with ``load_state_dict``, which only sets registered ones.
+
+        Undoing puts the original objects back into the registries, whatever replaced them meanwhile (zennit 1.0's
+        rules swap in new parameter objects), and removes the entry from the instance dictionary.
+
+        Parameters
+        ----------
+        module: :py:obj:`torch.nn.Module`
+            Module to modify.
+        name: str
+            Name of a parameter or buffer of ``module`` (registered, possibly as ``None``).
+        value: :py:obj:`torch.Tensor`
+            What the module computes with instead.
+        '''
+        registry = next(
+            module.__dict__[store] for store in ('_parameters', '_buffers') if name in module.__dict__[store])
+        registered = registry[name]
+        missing = object()
+        plain = module.__dict__.get(name, missing)
+
+        def undo() -> None:
+            registry[name] = registered
+            if plain is missing:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = plain
+
+        self._undo.append(undo)
+        if registered is None and registry is module.__dict__['_parameters']:
+            registry[name] = torch.nn.Parameter(value.detach(), requires_grad=value.requires_grad)
+        module.__dict__[name] = value
+
     def on_undo(self, function: Callable[[], None]) -> None:
         '''Call ``function`` when undoing, in reverse order with all other changes.'''
         self._undo.append(function)
