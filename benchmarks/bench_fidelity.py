@@ -1,8 +1,8 @@
 '''Fidelity of canonized models, for zennit's canonizers and ours, on every zennit version at hand: the model as a
 function of its input (relative max abs deviation of the logits from the original model, float32 and float64) and of
 its parameters (largest relative deviation, over all parameters, of the gradient of a logit w.r.t. the parameter,
-float64, squeeze-and-excitation gates detached in the reference), on torchvision models with randomised batch-norm
-statistics.
+float64; ours hold squeeze-and-excitation gates constant by design, so their reference has the gates detached), on
+torchvision models with randomised batch-norm statistics.
 
 Each zennit version runs in its own process: the installed one, and each ``--zennit DIR`` (a ``pip install --target``
 directory, as ``make test`` makes: ``.zennit051``, ``.zennit100``) put first on ``PYTHONPATH``.
@@ -48,10 +48,10 @@ def make_model(name: str) -> torch.nn.Module:
     return randomize_batch_norms(getattr(torchvision.models, name)()).requires_grad_(False)
 
 
-def guarded(function):
-    '''``function()``, or what went wrong (zennit's merge crashes on DenseNet).'''
+def guarded(function, *args):
+    '''``function(*args)``, or what went wrong (zennit's merge crashes on DenseNet).'''
     try:
-        return function()
+        return function(*args)
     except Exception as error:
         return f'fails ({type(error).__name__})'
 
@@ -82,15 +82,17 @@ def measure(size: int) -> dict:
                 cells['own'] = relative_error(original, exact)
             for label, canonizer in (('zennit', theirs), ('ours', ours)):
                 # a fresh model each: zennit's merge fails half-way on DenseNet and leaves the model broken
-                output = guarded(lambda: canonized_output(make_model(name).to(dtype), data.to(dtype), canonizer()))
+                output = guarded(canonized_output, make_model(name).to(dtype), data.to(dtype), canonizer())
                 cells[f'{label} {key}'] = output if isinstance(output, str) else relative_error(output, original)
 
         model = make_model(name).double().requires_grad_(True)
         small = data[:, :, :64, :64].double()
+        # ours hold squeeze-and-excitation gates constant by design, zennit's merge does not: each against its model
+        plain = parameter_gradients(model, small, 3)
         with constant_gates(model):
-            reference = parameter_gradients(model, small, 3)
-        for label, canonizer in (('zennit', theirs), ('ours', ours)):
-            gradients = guarded(lambda: parameter_gradients(copy.deepcopy(model), small, 3, [canonizer()]))
+            constant = parameter_gradients(model, small, 3)
+        for label, canonizer, reference in (('zennit', theirs, plain), ('ours', ours, constant)):
+            gradients = guarded(parameter_gradients, copy.deepcopy(model), small, 3, [canonizer()])
             cells[f'{label} gradient'] = gradients if isinstance(gradients, str) else max(
                 gradient_errors(gradients, reference).values())
         figures[name] = cells
@@ -145,7 +147,7 @@ def main() -> None:
     print(table(['model', 'dtype', 'zennit', 'zennit canonizer', 'theirs', 'ours', 'original float32 vs float64'],
                 rows))
     print('\nlargest relative deviation of d(logit)/d(parameter) over all parameters, canonizer alone, float64, '
-          '64x64, batch 2 (reference: the plain model, squeeze-and-excitation gates detached)')
+          '64x64, batch 2 (reference: the plain model; for ours with squeeze-and-excitation gates detached)')
     print(table(['model', 'zennit', 'zennit canonizer', 'theirs', 'ours'], gradient_rows))
 
 

@@ -7,6 +7,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from zennit.canonizers import Canonizer, CompositeCanonizer
 
+from .compat import RestoreSwappedParameters
 from .cuts import (
     BRANCHES,
     RESIDUAL,
@@ -311,6 +312,8 @@ class FamilyCanonizer(CompositeCanonizer):
                     instances += part.apply_checked(result)
                 else:
                     instances += part.apply(root_module)
+            # zennit 1.0's rules swap parameter objects while applied: put the model's own back on removal
+            instances += RestoreSwappedParameters().apply(root_module)
         except BaseException:
             remove_all(instances)
             raise

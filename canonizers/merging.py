@@ -17,7 +17,7 @@ import torch
 from zennit.canonizers import Canonizer
 from zennit.types import BatchNorm, ConvolutionStandard, ConvolutionTranspose, Linear
 
-from .compat import RULES_ASSIGN_PARAMETERS
+from .compat import RULES_ASSIGN_PARAMETERS, RestoreSwappedParameters
 from .layers import ThresholdReLU
 from .patch import ModulePatch
 
@@ -432,7 +432,9 @@ class ExactMergeBatchNorm(Canonizer):
         list of :py:class:`ExactMergeBatchNorm`
             One registered instance per linear layer.
         '''
-        return self.apply_checked(self.check(root_module))
+        instances = self.apply_checked(self.check(root_module))
+        # zennit 1.0's rules swap parameter objects while applied: put the model's own back on removal
+        return instances + RestoreSwappedParameters().apply(root_module) if instances else instances
 
     def apply_checked(self, merges: List[LinearMerge]) -> List['ExactMergeBatchNorm']:
         ''':py:meth:`apply` after :py:meth:`check` passed, with the merges it returned.'''

@@ -381,7 +381,7 @@ def test_works_with_gamma_rules_and_parameters_requiring_grad():
     composite = EpsilonGammaBox(low=-3., high=3., canonizers=[DenseNetCanonizer(cut=['features.denseblock2.*'])])
     relevance = attribute(model, make_input(), composite)
     assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
-    assert_untouched(model, before, rules_ran=True)
+    assert_untouched(model, before)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

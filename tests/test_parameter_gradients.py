@@ -1,10 +1,11 @@
 '''The canonized model as a function of its parameters, and the model after zennit's rules ran, on every zennit
 version: zennit 1.0 rules swap parameter objects (``ParamMod``), which a merge must survive.'''
 import copy
+import inspect
 
 import pytest
 import torch
-from helpers import make_input, make_model, output_relevance, relative_error, snapshot
+from helpers import assert_untouched, make_input, make_model, output_relevance, relative_error, snapshot
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer as ZennitResNetCanonizer
@@ -17,7 +18,7 @@ from canonizers import (
     MobileNetCanonizer,
     ResNetCanonizer,
 )
-from canonizers.compat import RULES_ASSIGN_PARAMETERS
+from canonizers.compat import RULES_ASSIGN_PARAMETERS, RestoreSwappedParameters
 from canonizers.evaluation import constant_gates, gradient_errors, parameter_gradients
 
 TARGET = 3
@@ -119,8 +120,41 @@ def test_rules_do_not_leave_merged_values_behind(name):
             output, _ = attributor(data, lambda output: output_relevance(output, TARGET))
         assert relative_error(output, reference) <= 1e-10
     assert torch.equal(model(data), reference)
-    # the layers this package merged hold their own parameter objects again (zennit leaves new ones elsewhere)
+    # the layers this package merged hold their own parameter objects again, and so does every other layer (zennit
+    # 1.0's rules leave new ones there)
     assert merged and all(dict(model.named_parameters())[key] is value for key, value in merged.items())
-    assert all(not set(vars(module)) & {'weight', 'bias'} for module in model.modules())
-    state = model.state_dict()
-    assert all(torch.equal(state[key], value) for key, (value, _) in before['state'].items())
+    assert_untouched(model, before)
+
+
+@pytest.mark.skipif('create_graph' not in inspect.signature(Gradient).parameters,
+                    reason='zennit 0.4.6 cannot differentiate relevance (no create_graph)')
+def test_training_with_explanations_updates_every_parameter():
+    # a penalty on the relevance, as in training with explanations: every step reaches every parameter the optimizer
+    # holds, also after zennit 1.0's rules swapped parameter objects in the previous step
+    model = lively_model('resnet18').to(torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    data = make_input(2)
+    for _ in range(2):
+        values = {key: value.detach().clone() for key, value in model.named_parameters()}
+        optimizer.zero_grad()
+        with Gradient(model, EpsilonPlusFlat(canonizers=[ResNetCanonizer()]), create_graph=True) as attributor:
+            output, relevance = attributor(data, lambda output: output_relevance(output, TARGET))
+        (output[:, TARGET].sum() + relevance.abs().sum()).backward()
+        optimizer.step()
+        unchanged = [key for key, value in model.named_parameters() if torch.equal(value, values[key])]
+        assert not unchanged
+
+
+def test_only_parameters_over_the_same_data_are_put_back():
+    # zennit 1.0's swap (a new Parameter over the very data) is undone; a parameter assigned with other data is not
+    model = make_model('resnet18')
+    weight, bias = model.fc.weight, model.fc.bias
+    guard = RestoreSwappedParameters()
+    guard.register(model)
+    model.fc.weight = torch.nn.Parameter(weight.data)
+    model.fc.bias = torch.nn.Parameter(bias.data.clone())
+    replacement = model.fc.bias
+    guard.remove()
+    assert model.fc.weight is weight and model.fc.bias is replacement
+    # only zennit 1.0 swaps parameters: there alone the family canonizers register it
+    assert len(RestoreSwappedParameters().apply(model)) == (1 if RULES_ASSIGN_PARAMETERS else 0)
