@@ -1,4 +1,6 @@
 '''zennit canonizers that cut named parallel paths, for isolated CRP conditional heatmaps.'''
+__version__ = '0.1.0'
+
 from .cuts import PerSampleCut
 from .densenet import DenseBlockCanonizer, DenseLayerCanonizer, DenseNetCanonizer, DenseNetHeadCanonizer
 from .efficientnet import EfficientNetCanonizer, MBConvCanonizer
@@ -14,6 +16,7 @@ from .mobilenet import (
 from .resnet import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer, ResNetCanonizer
 
 __all__ = [
+    '__version__',
     'ConstantGate',
     'DenseBlockCanonizer',
     'DenseLayerCanonizer',

@@ -85,6 +85,9 @@ class BlockCanonizer(Canonizer):
         for instance in self._instances:
             instance.update(resolved[id(instance.catalog)])
 
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(cut={self.cut!r})'
+
     # --- finding and validating blocks --------------------------------------------------------------------------
     def rewrites(self, name: str, module: torch.nn.Module) -> bool:
         '''Whether ``module`` is a block whose forward this canonizer rewrites.'''
@@ -255,6 +258,9 @@ class FamilyCanonizer(CompositeCanonizer):
             part._cut = parsed
         for instance in instances:
             instance.update(resolved[id(instance.catalog)])
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(cut={self.cut!r})'
 
     def catalog_of(self, root_module: torch.nn.Module) -> BlockCatalog:
         '''The cuttable blocks of ``root_module`` over all parts.'''

@@ -90,3 +90,12 @@ def test_layer_cuts_refuse_the_shared_relu_of_a_block():
     with pytest.raises(ValueError, match=r"layer2\.0\.relu is used both inside the residual branch and after the sum"):
         ResNetCanonizer().layer_cuts(model, ['layer2.0.relu'])
     assert ResNetCanonizer().layer_cuts(model, ['layer2.0.bn1']) == {'layer2.0': 'skip'}
+
+
+def test_version_and_repr_show_what_is_installed_and_cut():
+    from importlib.metadata import version
+
+    import canonizers
+    assert canonizers.__version__ == version('zennit-canonizers')
+    assert repr(canonizers.ResNetCanonizer(cut=['layer3.0'])) == "ResNetCanonizer(cut={'layer3.0': 'skip'})"
+    assert repr(canonizers.MobileNetCanonizer()) == 'MobileNetCanonizer(cut={})'
