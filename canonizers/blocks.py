@@ -1,6 +1,7 @@
 '''Shared machinery of the architecture canonizers: cut-aware block rewriting and the composite that validates
 everything before it touches the model.'''
 import difflib
+import warnings
 import weakref
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -22,22 +23,6 @@ from .cuts import (
 )
 from .merging import remove_all, require_eval
 from .patch import ModulePatch
-
-#: the family canonizers (one per architecture family), for tools that pick the canonizer fitting a model
-FAMILIES: List[type] = []
-
-
-def family(cls: type) -> type:
-    '''Class decorator that lists a family canonizer in :py:data:`FAMILIES`.'''
-    FAMILIES.append(cls)
-    return cls
-
-
-def families_for(root_module: torch.nn.Module) -> List['FamilyCanonizer']:
-    '''Unregistered instances of the family canonizers that rewrite blocks of ``root_module``.'''
-    instances = [cls() for cls in FAMILIES]
-    return [instance for instance in instances if instance.catalog_of(root_module).blocks]
-
 
 # blocks whose forward is rewritten by a canonizer of this package that is still registered
 _REWRITTEN: 'weakref.WeakKeyDictionary[torch.nn.Module, bool]' = weakref.WeakKeyDictionary()
@@ -106,6 +91,10 @@ class BlockCanonizer(Canonizer):
         '''Why a rewritten block without cuttable branches cannot be named in a cut; None to treat its name as that of
         any layer (inside its enclosing block, if any).'''
         return f'block {name!r} ({type(module).__name__}) has no parallel path that could be cut'
+
+    def layer_refusal(self, name: str, module: torch.nn.Module, layer: str) -> Optional[str]:
+        '''Why a CRP condition may not name ``layer`` (a name relative to block ``name``), or None if it may.'''
+        return None
 
     def blocks(self, root_module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
         '''The blocks of ``root_module`` whose forward this canonizer rewrites, by name.'''
@@ -308,6 +297,8 @@ class FamilyCanonizer(CompositeCanonizer):
             The registered instances, which may be removed in any order.
         '''
         catalog, checked = self._check_parts(root_module)
+        if not catalog.blocks:
+            warnings.warn(self.misfit(root_module), stacklevel=2)
         instances: List[Canonizer] = []
         try:
             # parts apply what their checks found, without looking for it again
@@ -328,6 +319,31 @@ class FamilyCanonizer(CompositeCanonizer):
     def blocks(self, root_module: torch.nn.Module) -> Dict[str, Iterable[str]]:
         '''The cuttable blocks of ``root_module`` and the branches each can cut.'''
         return dict(self.catalog_of(root_module).blocks)
+
+    def misfit(self, root_module: torch.nn.Module) -> str:
+        '''Why this family does not fit ``root_module``, and what would.'''
+        # imported here: the registry and the tracer import the families, which import this module
+        from .registry import families_for
+        from .tracing import TracingError, describe, parallel_paths
+
+        model = type(root_module).__name__
+        fitting = [type(family).__name__ for family in families_for(root_module)]
+        if fitting:
+            hint = f'{" or ".join(fitting)} fits this model'
+        else:
+            try:
+                merges = parallel_paths(root_module).merges.values()
+                hint = (f'{model} has {describe(list(merges))}, which no canonizer of this package covers: not '
+                        'supported (yet)' if merges else f'{model} has no parallel paths (traced with torch.fx); '
+                        'canonizers.ExactMergeBatchNorm merges batch norms alone')
+            except TracingError as error:
+                hint = f'whether {model} has parallel paths is unknown: {error}'
+        return (f'{type(self).__name__} rewrites no block of {model}: it only merges batch norms, and no path can '
+                f'be cut; {hint}')
+
+    def rewrites_blocks_of(self, root_module: torch.nn.Module) -> bool:
+        '''Whether this family fits ``root_module``: it has blocks with parallel paths that this family rewrites.'''
+        return bool(self.catalog_of(root_module).blocks)
 
     def layer_cuts(self, root_module: torch.nn.Module, layers: Iterable[str]) -> Dict[str, str]:
         '''The cut that makes all relevance reaching the input pass through every one of ``layers``.
@@ -365,6 +381,10 @@ class FamilyCanonizer(CompositeCanonizer):
             for name, module in part.blocks(root_module).items():
                 if part.branches(name, module):
                     cuttable[name] = (part, module)
+                for layer in layers:
+                    refusal = layer.startswith(name + '.') and part.layer_refusal(name, module, layer[len(name) + 1:])
+                    if refusal:
+                        raise ValueError(refusal)
 
         cuts: Dict[str, str] = {}
         reasons: Dict[str, str] = {}

@@ -24,10 +24,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .blocks import FamilyCanonizer, families_for
+from .blocks import FamilyCanonizer
 from .cuts import RESIDUAL, SKIP
 from .figures import ConceptPanels, explanation_figure, save_figure
 from .leakage import MODEL_OUTPUT, attribute_class, compare_heatmaps
+from .registry import families_for
 
 PROG = 'canonizers'
 #: exit status of every usage error, as argparse uses
@@ -451,12 +452,28 @@ def pick_family(loaded: LoadedModel, layer: Optional[str] = None) -> type:
     '''The family canonizer class for the model: the one whose blocks hold ``layer``, else the first that fits.'''
     families = families_for(loaded.model)
     if not families:
-        raise UsageError(f'no canonizer of this package rewrites blocks of model {loaded.name!r}, so there are no '
-                         'parallel paths to cut')
+        raise UsageError(unsupported(loaded.name, loaded.model))
     for candidate in families:
         if layer and any(layer.startswith(block + '.') for block in candidate.blocks(loaded.model)):
             return type(candidate)
     return type(families[0])
+
+
+def unsupported(name: str, model: torch.nn.Module) -> str:
+    '''What to say of a model no family canonizer fits: not supported where it has parallel paths, never that it
+    needs no isolation unless tracing showed it has none.'''
+    from .tracing import TracingError, describe, parallel_paths
+
+    try:
+        merges = list(parallel_paths(model).merges.values())
+    except TracingError as error:
+        return (f'model {name!r} is not supported (yet): no canonizer of this package rewrites its blocks, and '
+                f'{error}, so whether relevance bypasses its layers is unknown')
+    if merges:
+        return (f'model {name!r} is not supported (yet): it has {describe(merges)}, which no canonizer of this package '
+                "covers; crp's CondAttribution(exclude_parallel=True) isolates conditions on any model")
+    return (f'model {name!r} has no parallel paths (traced with torch.fx): CRP conditions on its layers need no '
+            'isolation, and there is nothing to cut')
 
 
 def composite_factory(name: str, loaded: LoadedModel) -> Callable[..., object]:
@@ -785,7 +802,11 @@ def block_layers(family: FamilyCanonizer, model: torch.nn.Module) -> Dict[str, D
     for name, module in model.named_modules():
         if not isinstance(module, Linear):
             continue
-        cut = family.layer_cuts(model, [name])
+        try:
+            cut = family.layer_cuts(model, [name])
+        except ValueError:
+            # layers a condition may not name (gate layers, shared ReLUs) are not listed
+            continue
         for block, branch in cut.items():
             held = RESIDUAL if branch == SKIP else SKIP
             channels = getattr(module, 'out_channels', getattr(module, 'out_features', '?'))
@@ -835,8 +856,10 @@ def command_blocks(args: argparse.Namespace) -> int:
     model = build_architecture(args.model)
     families = families_for(model)
     if not families:
-        print(f'model {args.model!r} has no block that a canonizer of this package rewrites: no parallel path to cut '
-              '(CRP conditions on its layers need no isolation)')
+        message = unsupported(args.model, model)
+        if 'not supported' in message:
+            raise UsageError(message)
+        print(message)
         return 0
     width = shutil.get_terminal_size((120, 24)).columns
     print(f'{args.model}: {", ".join(type(family).__name__ for family in families)}')

@@ -39,8 +39,10 @@ except ImportError as error:
         '`pip install zennit-canonizers[crp]`'
     ) from error
 
-from .blocks import FAMILIES, BlockCanonizer, FamilyCanonizer, families_for
+from .blocks import BlockCanonizer, FamilyCanonizer
 from .cuts import PerSampleCut
+from .registry import FAMILIES, families_for
+from .tracing import ParallelPaths, TracingError, describe, parallel_paths
 
 #: CRP's name of the model output in conditions (``CondAttribution.MODEL_OUTPUT_NAME``)
 MODEL_OUTPUT_NAME = 'y'
@@ -70,10 +72,36 @@ class _LayerCuts:
             elif type(canonizer) not in known:
                 loose.append(canonizer.copy())
                 known.add(type(canonizer))
+        fitted = bool(self.sources)
         # also without any source: unknown layer names are still refused
         if loose or not self.sources:
             self.sources.append(FamilyCanonizer(loose))
         self.cache: Dict[frozenset, Dict[str, str]] = {}
+        # the merges of parallel paths the sources handle; the others are found by tracing the model
+        self.covered = {block for source in self.sources for part in source._block_canonizers
+                        for block in part.blocks(model)}
+        self.untraceable: Optional[TracingError] = None
+        try:
+            self.paths: Optional[ParallelPaths] = parallel_paths(model)
+        except TracingError as error:
+            self.paths = None
+            # a model a family fits has its parallel paths in the family's blocks; of any other nothing is known
+            self.untraceable = None if fitted else error
+
+    def check_bypasses(self, layers: Sequence[str]) -> None:
+        '''Refuse layers around which relevance can flow through a merge no canonizer of this package handles.'''
+        model = type(self.model).__name__
+        if self.untraceable is not None and layers:
+            raise ValueError(f'{self.untraceable}, and no family canonizer of this package fits {model}: whether '
+                             'relevance can go around the conditioned layers is unknown, so no cut is given; '
+                             "crp's CondAttribution(exclude_parallel=True) isolates conditions on any model")
+        for layer in layers:
+            bypasses = self.paths.bypasses(layer, self.covered) if self.paths is not None else []
+            if bypasses:
+                raise ValueError(
+                    f'relevance can go around {layer!r} through {describe(bypasses)}, which no canonizer of this '
+                    f'package covers for {model}: not supported (yet), no cut isolates it; '
+                    "crp's CondAttribution(exclude_parallel=True) isolates conditions on any model")
 
     def __call__(self, conditions: Sequence[Condition], output_name: str) -> List[Dict[str, str]]:
         cuts = []
@@ -85,6 +113,7 @@ class _LayerCuts:
                     union: Dict[str, str] = {}
                     for source in self.sources:
                         union.update(source.layer_cuts(self.model, layers))
+                    self.check_bypasses(layers)
                 except ValueError as error:
                     raise ValueError(f'condition {index} {dict(condition)!r}: {error}') from error
                 self.cache[key] = union
@@ -105,7 +134,7 @@ def cuts_for(
     path cuts the block's residual branch; the block itself, and layers outside blocks with parallel paths, cut
     nothing (but a DenseNet dense layer, whose output is its transforming branch alone, cuts its own skip). The
     layers of one condition cut the union of their cuts. The rules are the ``layer_cuts`` of the family canonizers of
-    this package that fit the model (:py:func:`canonizers.blocks.families_for`).
+    this package that fit the model (:py:func:`canonizers.registry.families_for`).
 
     Parameters
     ----------
@@ -170,9 +199,20 @@ def _suggestion(model: torch.nn.Module) -> str:
     if fitting:
         return (f'pass a composite whose canonizers include one that does, for this model {" or ".join(fitting)}, '
                 f'e.g. EpsilonPlusFlat(canonizers=[{fitting[0]}()])')
-    known = ', '.join(_public_name(cls) for cls in FAMILIES) or '(none)'
-    return (f'and none of the family canonizers ({known}) rewrites blocks of this model: a model without parallel '
-            'paths needs no isolation, use crp.attribution.CondAttribution with exclude_parallel=False')
+    known = ', '.join(_public_name(cls) for cls in FAMILIES.values()) or '(none)'
+    model_name = type(model).__name__
+    try:
+        merges = list(parallel_paths(model).merges.values())
+    except TracingError as error:
+        return (f'and none of the family canonizers ({known}) rewrites blocks of {model_name}, and {error}: whether '
+                "it has parallel paths is unknown; crp's CondAttribution(exclude_parallel=True) isolates conditions "
+                'on any model')
+    if merges:
+        return (f'and none of the family canonizers ({known}) rewrites blocks of {model_name}, which has '
+                f"{describe(merges)}: not supported (yet); crp's CondAttribution(exclude_parallel=True) isolates "
+                'conditions on any model')
+    return (f'and none of the family canonizers ({known}) rewrites blocks of {model_name}, which has no parallel paths '
+            "(traced with torch.fx): its conditional heatmaps need no isolation, crp's CondAttribution gives them")
 
 
 class _Plan:

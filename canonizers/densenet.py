@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
 
-from .blocks import BlockCanonizer, FamilyCanonizer, family
+from .blocks import BlockCanonizer, FamilyCanonizer
 from .cuts import RESIDUAL, SKIP, BlockCatalog, CutLike, ResolvedCut
 from .masked_sum import mask_gradient
 from .merging import ExactMergeBatchNorm, LinearMerge, apply_merge, check_merge
@@ -239,7 +239,6 @@ class DenseLayerCanonizer(BlockCanonizer):
         return out
 
 
-@family
 class DenseNetCanonizer(FamilyCanonizer):
     '''Canonizer for torchvision DenseNet-121, -161, -169 and -201 (with or without ``memory_efficient``).
 

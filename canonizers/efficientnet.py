@@ -2,7 +2,7 @@
 import torch
 from torchvision.models.efficientnet import FusedMBConv, MBConv
 
-from .blocks import FamilyCanonizer, family
+from .blocks import FamilyCanonizer
 from .cuts import CutLike
 from .gates import SqueezeExcitationCanonizer
 from .merging import ExactMergeBatchNorm
@@ -31,7 +31,6 @@ class MBConvCanonizer(InvertedResidualCanonizer):
         return residual_sum(self, input, self.block(input))
 
 
-@family
 class EfficientNetCanonizer(FamilyCanonizer):
     '''Canonizer for torchvision EfficientNet B0-B7 and EfficientNetV2 S/M/L models.
 

@@ -82,6 +82,11 @@ class SqueezeExcitationCanonizer(BlockCanonizer):
         # a layer of its enclosing block like any other: the error names that block
         return None
 
+    def layer_refusal(self, name: str, module: torch.nn.Module, layer: str) -> str:
+        return (f'{name}.{layer} computes the gate of squeeze-and-excitation block {name!r}, which is constant in the '
+                'backward pass: no relevance flows into it by construction, so a condition on it has none; condition '
+                f'on {name!r} itself or on a layer before it instead')
+
     def rewrite(self, patch: ModulePatch, module: torch.nn.Module) -> None:
         patch.set_attribute(module, 'canonizer_gate', ConstantGate().train(module.training))
         patch.set_attribute(module, 'forward', gated_forward.__get__(module))

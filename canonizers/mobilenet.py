@@ -4,7 +4,7 @@ from typing import Tuple
 import torch
 from torchvision.models import mobilenetv2, mobilenetv3
 
-from .blocks import FamilyCanonizer, family
+from .blocks import FamilyCanonizer
 from .cuts import BRANCHES, RESIDUAL, BlockCatalog, CutLike, ResolvedCut
 from .gates import SqueezeExcitationCanonizer
 from .merging import ExactMergeBatchNorm
@@ -95,7 +95,6 @@ class MobileNetV3InvertedResidualCanonizer(InvertedResidualCanonizer):
         return residual_sum(self, input, self.block(input))
 
 
-@family
 class MobileNetCanonizer(FamilyCanonizer):
     '''Canonizer for torchvision MobileNetV2 and MobileNetV3 (small and large) models.
 

@@ -2,7 +2,7 @@
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .blocks import BlockCanonizer, FamilyCanonizer, family
+from .blocks import BlockCanonizer, FamilyCanonizer
 from .cuts import RESIDUAL, SKIP, CutLike, ResolvedCut
 from .masked_sum import MaskedSum
 from .merging import ExactMergeBatchNorm
@@ -110,7 +110,6 @@ class ResNetBottleneckCanonizer(ResidualSumCanonizer):
         return out
 
 
-@family
 class ResNetCanonizer(FamilyCanonizer):
     '''Canonizer for torchvision ResNet, ResNeXt and Wide ResNet models.
 

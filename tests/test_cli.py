@@ -4,6 +4,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -333,6 +334,29 @@ def test_explain_errors_are_one_line_with_status_2(files, tmp_path, case):
         assert text in stderr
     # found before any work: nothing written
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize('model, merges', [
+    ('regnet_y_400mf', r'16 products, 16 sums'), ('googlenet', '9 concatenations'), ('convnext_tiny', '18 sums'),
+    ('mnasnet0_5', '10 sums'), ('shufflenet_v2_x0_5', '16 concatenations'), ('swin_t', '24 sums'),
+    ('vit_b_16', '24 sums'),
+])
+def test_blocks_of_models_with_parallel_paths_no_canonizer_covers(model, merges):
+    # never "no parallel path to cut" on a model whose paths meet outside every canonizer's blocks
+    status, stdout, stderr = run('blocks', model)
+    assert status == 2 and not stdout
+    assert re.search(rf"model '{model}' is not supported \(yet\): it has {merges} of parallel paths", stderr)
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_blocks_of_a_model_without_parallel_paths():
+    status, stdout, _ = run('blocks', 'vgg11')
+    assert status == 0 and "model 'vgg11' has no parallel paths (traced with torch.fx)" in stdout
+
+
+def test_blocks_leaves_out_gate_layers():
+    status, stdout, _ = run('blocks', 'efficientnet_b0')
+    assert status == 0 and 'block.0.0' in stdout and 'fc1' not in stdout and 'fc2' not in stdout
 
 
 def test_blocks_unknown_model():

@@ -3,6 +3,7 @@ computed one condition at a time (the oracle), and cut tables written by hand fr
 import importlib
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -339,9 +340,26 @@ def test_model_without_family_is_refused_with_the_alternative():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(5))
     model(make_input(requires_grad=False))
     attribution = IsolatingCondAttribution(model.eval(), no_param_grad=False)
-    message = r'without parallel paths needs no isolation, use crp\.attribution\.CondAttribution with exclude_parallel'
+    message = r"Sequential, which has no parallel paths \(traced with torch\.fx\): its conditional heatmaps need no"
     with pytest.raises(ValueError, match=message):
         attribution(make_input(), [{'0': [0], 'y': [1]}], EpsilonPlusFlat())
+
+
+@pytest.mark.parametrize('name, layer, merge', [
+    ('regnet_y_400mf', 'trunk_output.block2.block2-0.f.a',
+     "1 sum of parallel paths \\(in 'trunk_output.block2.block2-0'"),
+    ('googlenet', 'inception3a.branch2.0', "1 concatenation of parallel paths \\(in 'inception3a'\\)"),
+])
+def test_parallel_paths_no_canonizer_covers_are_not_supported(name, layer, merge):
+    # never "nothing to cut" where relevance goes around the layer: not supported, with where and what would work
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    with pytest.raises(ValueError, match=f"relevance can go around '{re.escape(layer)}' through {merge}.*not "
+                                         r'supported \(yet\).*exclude_parallel=True'):
+        cuts_for(model, [{layer: [0], 'y': [1]}])
+    attribution = IsolatingCondAttribution(model, no_param_grad=False)
+    with pytest.raises(ValueError, match='not supported \\(yet\\)') as refusal:
+        attribution(make_input(), [{layer: [0], 'y': [1]}], EpsilonPlusFlat())
+    assert 'exclude_parallel=False' not in str(refusal.value)
 
 
 def test_block_the_composite_does_not_rewrite_is_refused():

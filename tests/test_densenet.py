@@ -28,8 +28,8 @@ from canonizers import (
     PerSampleCut,
     ThresholdReLU,
 )
-from canonizers.blocks import families_for
 from canonizers.densenet import DenseBlockCanonizer, densenet_merges
+from canonizers.registry import families_for
 
 TARGET = 3
 LAYER = 'features.denseblock2.denselayer3'

@@ -34,8 +34,9 @@ from canonizers import (
     PerSampleCut,
     SqueezeExcitationCanonizer,
 )
-from canonizers.blocks import FamilyCanonizer, families_for
+from canonizers.blocks import FamilyCanonizer
 from canonizers.masked_sum import MaskedSum
+from canonizers.registry import families_for
 
 TARGET = 3
 
@@ -315,8 +316,10 @@ def test_layer_cuts():
     model = make_lively_model('efficientnet_b0', dtype=torch.float32)
     family = EfficientNetCanonizer()
     assert family.layer_cuts(model, ['features.2.1.block.0.0', 'features.2.1.block.3.1']) == {'features.2.1': 'skip'}
-    # layers of a gate lie in the transforming branch, too (and receive no relevance)
-    assert family.layer_cuts(model, ['features.4.2.block.2.fc1']) == {'features.4.2': 'skip'}
+    # layers of a gate receive no relevance by construction: a condition on them is refused with the reason
+    with pytest.raises(ValueError, match=r"features\.4\.2\.block\.2\.fc1 computes the gate .* no relevance flows"):
+        family.layer_cuts(model, ['features.4.2.block.2.fc1'])
+    assert family.layer_cuts(model, ['features.4.2.block.2']) == {'features.4.2': 'skip'}
     assert family.layer_cuts(model, ['features.2.0.block.0.0', 'features.2.1', 'features.0.0']) == {}
     model = make_lively_model('mobilenet_v2', dtype=torch.float32)
     assert MobileNetCanonizer().layer_cuts(model, ['features.3.conv.2', 'features.4.conv.2']) == {'features.3': 'skip'}

@@ -1,10 +1,11 @@
 '''Bad input is refused with a clear error before anything is touched.'''
 import pytest
+import torchvision
 from helpers import assert_untouched, make_model, snapshot
 from zennit.composites import EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer as ZennitResNetCanonizer
 
-from canonizers import PerSampleCut, ResNetCanonizer
+from canonizers import DenseNetCanonizer, PerSampleCut, ResNetCanonizer
 
 BAD_CUTS = [
     (['layer3.9'], ValueError, r"'layer3\.9' is not a module of this model; closest block names: 'layer3\.5'"),
@@ -99,3 +100,20 @@ def test_version_and_repr_show_what_is_installed_and_cut():
     assert canonizers.__version__ == version('zennit-canonizers')
     assert repr(canonizers.ResNetCanonizer(cut=['layer3.0'])) == "ResNetCanonizer(cut={'layer3.0': 'skip'})"
     assert repr(canonizers.MobileNetCanonizer()) == 'MobileNetCanonizer(cut={})'
+
+
+@pytest.mark.parametrize('canonizer, name, message', [
+    (ResNetCanonizer, 'densenet121',
+     'ResNetCanonizer rewrites no block of DenseNet: it only merges batch norms, and no path can be cut; '
+     'DenseNetCanonizer fits this model'),
+    (DenseNetCanonizer, 'regnet_y_400mf', r'RegNet has 16 products, 16 sums of parallel paths .*not supported \(yet\)'),
+    (ResNetCanonizer, 'vgg11', r'VGG has no parallel paths \(traced with torch\.fx\); canonizers\.ExactMergeBatchNorm'),
+])
+def test_family_that_rewrites_no_block_warns_with_what_fits(canonizer, name, message):
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    before = snapshot(model)
+    with pytest.warns(UserWarning, match=message):
+        instances = canonizer().apply(model)
+    for instance in instances:
+        instance.remove()
+    assert_untouched(model, before)

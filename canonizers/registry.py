@@ -1,0 +1,28 @@
+'''The family canonizers by name, and the ones that fit a model.
+
+An explicit table, as zennit's registry of composites: the order of imports decides nothing, and a model that two
+families fit is reported as such rather than given to the first.
+'''
+from typing import Dict, List, Type
+
+import torch
+
+from .blocks import FamilyCanonizer
+from .densenet import DenseNetCanonizer
+from .efficientnet import EfficientNetCanonizer
+from .mobilenet import MobileNetCanonizer
+from .resnet import ResNetCanonizer
+
+#: the family canonizers of this package, by name
+FAMILIES: Dict[str, Type[FamilyCanonizer]] = {
+    'resnet': ResNetCanonizer,
+    'densenet': DenseNetCanonizer,
+    'efficientnet': EfficientNetCanonizer,
+    'mobilenet': MobileNetCanonizer,
+}
+
+
+def families_for(root_module: torch.nn.Module) -> List[FamilyCanonizer]:
+    '''Unregistered instances of the family canonizers that rewrite blocks of ``root_module``.'''
+    instances = [cls() for cls in FAMILIES.values()]
+    return [instance for instance in instances if instance.rewrites_blocks_of(root_module)]
