@@ -189,7 +189,7 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     except pickle.UnpicklingError as error:
         # torch reports every unpickling failure as "Weights only load failed"; only an unsupported global is an
         # object that the safe unpickler refuses, anything else is a broken or foreign file
-        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(error))
+        found = re.search(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)', str(error))
         if not found:
             raise UsageError(f'cannot load weights {str(path)!r}: not a torch checkpoint (the safe unpickler of '
                              'torch.load(weights_only=True) cannot read it)') from None
@@ -406,21 +406,60 @@ def check_layer(model: torch.nn.Module, layer: str) -> None:
         raise UsageError(f'layer {layer!r} is not a module of the model; closest: {closest(layer, names)}')
 
 
-def probe(loaded: LoadedModel, layer: str, data: torch.Tensor) -> Tuple[int, int]:
-    '''The number of channels (concepts) of ``layer`` and of outputs (classes), from one forward pass.'''
+def probe(loaded: LoadedModel, layer: str, data: torch.Tensor, family: type) -> Tuple[int, int]:
+    '''The number of channels (concepts) of ``layer`` and of outputs (classes), from one forward pass of the model
+    canonized by ``family``, in which the layer must take part (the heatmaps are computed in that model).'''
     shapes = {}
-    module = dict(loaded.model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda _, __, output: shapes.setdefault('layer', output))
+
+    def record(module: torch.nn.Module, input: object, output: object) -> None:
+        # the first call only (a module may be called more than once), and no value returned: a returned value would
+        # replace the module's output in every later call
+        shapes.setdefault('layer', output)
+
+    original = dict(loaded.model.named_modules())[layer]
+    instances = family().apply(loaded.model)
     try:
-        with torch.no_grad():
-            logits = loaded.model(data)
+        module = dict(loaded.model.named_modules())[layer]
+        if module is not original:
+            raise UsageError(f'layer {layer!r} ({type(original).__name__}) is replaced by a {type(module).__name__} '
+                             f'while the model is canonized by {family.__name__} (its batch norm is merged into the '
+                             'next layer), so its channels are no concepts of the model; condition on a convolution '
+                             'or linear layer instead')
+        handle = module.register_forward_hook(record)
+        try:
+            with torch.no_grad():
+                logits = loaded.model(data)
+        finally:
+            handle.remove()
     finally:
-        handle.remove()
-    output = shapes.get('layer')
+        for instance in reversed(instances):
+            instance.remove()
+    if 'layer' not in shapes:
+        raise UsageError(f'layer {layer!r} takes no part in the forward pass of the model canonized by '
+                         f'{family.__name__} (it is replaced or skipped there, e.g. a ReLU merged into a threshold '
+                         'ReLU, or stochastic depth, the identity in eval mode), so it carries no relevance; condition '
+                         'on a convolution, linear layer or batch norm instead')
+    output = shapes['layer']
     if not isinstance(output, torch.Tensor) or output.dim() < 2:
         raise UsageError(f'layer {layer!r} gives no [batch, channels, ...] tensor, so it has no concepts to '
                          'condition on')
     return int(output.shape[1]), int(logits.shape[1])
+
+
+def check_condition_layer(loaded: LoadedModel, family: type, layer: str) -> None:
+    '''Raise a :py:class:`UsageError` if a CRP condition may not name ``layer`` (e.g. a ReLU used inside a branch and
+    after its sum, a gate layer, a layer relevance can go around outside every canonizer's blocks).'''
+    from .crp import cuts_for
+
+    try:
+        family().layer_cuts(loaded.model, [layer])
+        cuts_for(loaded.model, [{layer: [0]}])
+    except ValueError as error:
+        raise UsageError(str(error).replace("condition 0 {'" + layer + "': [0]}: ", '')) from None
+
+
+#: the smallest input size: classification networks reduce their input up to 32-fold
+MIN_SIZE = 32
 
 
 def check_concepts(concepts: Sequence[int], channels: int, layer: str) -> None:
@@ -531,12 +570,15 @@ def prepare(args: argparse.Namespace) -> Job:
     for path in args.image:
         check_readable(Path(path), 'image')
     device = parse_device(args.device)
-    if args.size is not None and args.size < 1:
-        raise UsageError(f'--size {args.size}: must be a positive number of pixels')
+    if args.size is not None and args.size < MIN_SIZE:
+        raise UsageError(f'--size {args.size}: too small, the model reduces its input up to 32-fold; use at least '
+                         f'{MIN_SIZE} pixels (224 for ImageNet models)')
     loaded = load_model(args.model, args.weights, args.size, device)
     images = [(Path(path), read_image(Path(path), loaded.size)) for path in args.image]
     check_layer(loaded.model, args.layer)
-    channels, classes = probe(loaded, args.layer, normalize(images[0][1], loaded))
+    family = pick_family(loaded, args.layer)
+    check_condition_layer(loaded, family, args.layer)
+    channels, classes = probe(loaded, args.layer, normalize(images[0][1], loaded), family)
     if args.concepts is not None:
         check_concepts(args.concepts, channels, args.layer)
     elif not 1 <= args.top <= channels:
@@ -544,7 +586,7 @@ def prepare(args: argparse.Namespace) -> Job:
     target = parse_target(args.target, loaded, classes)
     return Job(
         loaded=loaded,
-        family=pick_family(loaded, args.layer),
+        family=family,
         composite=composite_factory(args.composite, loaded),
         composite_name=args.composite,
         images=images,
@@ -777,9 +819,22 @@ def write_samples(directory: Path) -> List[Path]:
     return paths
 
 
+def check_demo_layer(layer: str) -> None:
+    '''Raise a :py:class:`UsageError` if ``layer`` cannot be conditioned on in the demo model.'''
+    loaded = load_model(DEMO, None, None, torch.device('cpu'))
+    check_layer(loaded.model, layer)
+    family = pick_family(loaded, layer)
+    check_condition_layer(loaded, family, layer)
+    data = torch.zeros(1, 3, loaded.size, loaded.size)
+    probe(loaded, layer, data, family)
+
+
 def command_demo(args: argparse.Namespace) -> int:
     '''``canonizers demo``: ``explain`` on the embedded model and built-in samples.'''
-    out = make_directory(Path(args.out))
+    out = Path(args.out)
+    # the layer is checked before anything is written: the samples are written only to be read back
+    check_demo_layer(args.layer)
+    out = make_directory(out)
     images = [str(path) for path in write_samples(make_directory(out / 'samples'))]
     explain = argparse.Namespace(
         model=DEMO, weights=None, image=images, layer=args.layer, concepts=None, top=args.top, target=None,

@@ -274,6 +274,28 @@ class _Plan:
                 canonizer.cut = cut
 
 
+def _checked_channel_mask(batch_id: int, concept_ids: Sequence[int], layer_name: Optional[str] = None) -> Callable:
+    '''CRP's ``ChannelConcept.mask``, refusing concept ids that are no channel of the layer with a ``ValueError``
+    that names them (CRP's own mask fails with an ``IndexError`` deep in the backward pass).'''
+    mask = ChannelConcept.mask(batch_id, concept_ids, layer_name)
+
+    def checked(gradient: torch.Tensor) -> torch.Tensor:
+        channels = gradient.shape[1]
+        wrong = [concept for concept in concept_ids if not 0 <= concept < channels]
+        if wrong:
+            raise ValueError(f'concept {wrong[0]} out of range: layer {layer_name!r} has {channels} channels '
+                             f'(0..{channels - 1})')
+        return mask(gradient)
+    return checked
+
+
+def _checked_masks(mask_map: Union[Callable, Dict[str, Callable]]) -> Union[Callable, Dict[str, Callable]]:
+    '''``mask_map`` with CRP's default channel masks replaced by ones that check the concept ids.'''
+    if isinstance(mask_map, dict):
+        return {layer: _checked_masks(mask) for layer, mask in mask_map.items()}
+    return _checked_channel_mask if mask_map == ChannelConcept.mask else mask_map
+
+
 class IsolatingCondAttribution(CondAttribution):
     '''CRP's ``CondAttribution`` whose conditional heatmaps are isolated: all relevance reaching the input passed
     through every conditioned layer, as with ``exclude_parallel=True``, but for any mix of conditions in one forward
@@ -356,6 +378,7 @@ class IsolatingCondAttribution(CondAttribution):
             nothing is changed then.
         '''
         record_layer = list(record_layer or [])
+        mask_map = _checked_masks(mask_map)
         if not exclude_parallel:
             return super().__call__(data, conditions, composite, record_layer, mask_map, start_layer, init_rel,
                                     on_device, False)
@@ -419,6 +442,7 @@ class IsolatingCondAttribution(CondAttribution):
             The results of each batch of conditions, in condition order.
         '''
         record_layer = list(record_layer or [])
+        mask_map = _checked_masks(mask_map)
         if not exclude_parallel:
             yield from super().generate(data, conditions, composite, record_layer, mask_map, start_layer, init_rel,
                                         batch_size, on_device, False, verbose)

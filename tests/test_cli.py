@@ -88,9 +88,17 @@ def files(tmp_path_factory):
     paths['text'].write_text('not an image')
     paths['garbage'] = root / 'garbage.pt'
     paths['garbage'].write_bytes(b'\x00\x01garbage' * 10)
+    paths['code'] = root / 'code.pt'
+    torch.save({'state_dict': Code()}, paths['code'])
     paths['pickled'] = root / 'pickled.pt'
     torch.save({'state_dict': load_demo_model().state_dict(), 'args': argparse.Namespace(lr=0.1)}, paths['pickled'])
     return paths
+
+
+class Code:
+    '''Unpickles as a call of ``os.system``: what ``torch.load(weights_only=True)`` must refuse, and we must say so.'''
+    def __reduce__(self):
+        return (os.system, ('echo unpickled',))
 
 
 class Recorder:
@@ -318,6 +326,9 @@ ERRORS = {
     'unknown target name': (lambda files: {'--target': 'hexagon'}, ["'hexagon'", 'closest class names']),
     'concepts and top': (lambda files: {'--top': '2'}, ['--top', '--concepts']),
     'bad size': (lambda files: {'--size': '0'}, ['--size 0']),
+    'too small size': (lambda files: {'--size': '7'}, ['--size 7', 'at least 32 pixels']),
+    'code in checkpoint': (lambda files: {'--weights': files['code']}, ['code.pt', 'system', 'state_dict()']),
+    'shared relu': (lambda files: {'--layer': 'layer2.0.relu'}, ['layer2.0.relu is used both inside the residual']),
     'unknown composite': (lambda files: {'--composite': 'epsilon_magic'}, ['epsilon_magic']),
 }
 
@@ -334,6 +345,28 @@ def test_explain_errors_are_one_line_with_status_2(files, tmp_path, case):
         assert text in stderr
     # found before any work: nothing written
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize('model, layer, expected', [
+    ('densenet121', 'features.denseblock2.denselayer3.relu1', 'is replaced by a ThresholdReLU while the model is'),
+    ('efficientnet_b0', 'features.2.1.stochastic_depth', 'takes no part in the forward pass of the model canonized'),
+    ('efficientnet_b0', 'features.2.1.block.2.fc1', 'computes the gate of squeeze-and-excitation block'),
+    ('regnet_y_400mf', 'trunk_output.block1.block1-0.f.a', 'is not supported (yet)'),
+])
+def test_explain_layers_without_concepts_are_one_line_with_status_2(files, tmp_path, model, layer, expected):
+    weights = tmp_path / 'weights.pt'
+    torch.save(getattr(torchvision.models, model)(num_classes=10).state_dict(), weights)
+    out = tmp_path / 'out'
+    status, _, stderr = run('explain', '--model', model, '--weights', weights, '--image', files['star'], '--layer',
+                            layer, '--top', '2', '--size', '64', '--out', out)
+    assert status == 2 and len(stderr.strip().splitlines()) == 1 and expected in stderr
+    assert not out.exists()
+
+
+def test_demo_with_a_layer_it_cannot_explain_writes_nothing(tmp_path):
+    status, _, stderr = run('demo', '--layer', 'layer2.0.relu', '--out', tmp_path / 'demo')
+    assert status == 2 and 'layer2.0.relu is used both inside' in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / 'demo').exists()
 
 
 @pytest.mark.parametrize('model, merges', [

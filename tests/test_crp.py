@@ -362,6 +362,15 @@ def test_parallel_paths_no_canonizer_covers_are_not_supported(name, layer, merge
     assert 'exclude_parallel=False' not in str(refusal.value)
 
 
+@pytest.mark.parametrize('exclude_parallel', [True, False])
+def test_concept_out_of_range_is_a_clear_error(exclude_parallel):
+    model = make_model('resnet18')
+    attribution = IsolatingCondAttribution(model, no_param_grad=False)
+    with pytest.raises(ValueError, match=r"concept 999 out of range: layer 'layer3\.0\.conv1' has 256 channels"):
+        attribution(make_input(), [{'layer3.0.conv1': [999], 'y': [1]}],
+                    EpsilonPlusFlat(canonizers=[ResNetCanonizer()]), exclude_parallel=exclude_parallel)
+
+
 def test_block_the_composite_does_not_rewrite_is_refused():
     # resnet50 has bottlenecks only: a basic-block canonizer cannot cut them, so its conditions cannot be isolated
     model = make_model('resnet50')
