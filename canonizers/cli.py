@@ -656,6 +656,7 @@ def csv_row(job: Job, path: Path, prediction: Prediction, concept: int, relevanc
     reference = result['reference']
     return {
         'image': str(path),
+        'picture': job.names.get(path, ''),
         'model': job.loaded.name,
         'layer': job.layer,
         'composite': job.composite_name,
@@ -670,9 +671,19 @@ def csv_row(job: Job, path: Path, prediction: Prediction, concept: int, relevanc
         'isolated_sum': result['isolated'].sum().item(),
         'reference_sum': '' if reference is None else reference.sum().item(),
         'max_deviation': '' if reference is None else result['deviation'],
-        'leaked_share': result['leaked_share'],
+        # empty where there is no relevance at all: nothing could leak, and 0% would claim that nothing did
+        'leaked_share': '' if math.isnan(result['leaked_share']) else result['leaked_share'],
         'cut': ' '.join(f'{block}:{branch}' for block, branch in result['cut'].items()),
     }
+
+
+def top_concepts(relevances: torch.Tensor, top: int, path: Path, layer: str) -> List[int]:
+    '''The ``top`` channels with the most relevance, leaving out channels without any (saying so).'''
+    ranked = [concept for concept in relevances.argsort(descending=True)[:top].tolist() if relevances[concept] != 0]
+    if len(ranked) < top:
+        print(f'note: {path}: only {len(ranked)} channel(s) of layer {layer!r} carry relevance for the target; '
+              f'explaining {"those" if ranked else "none"} instead of {top}', file=sys.stderr)
+    return ranked
 
 
 def explain_image(job: Job, path: Path, rgb: torch.Tensor, bar) -> List[Dict[str, object]]:
@@ -682,7 +693,7 @@ def explain_image(job: Job, path: Path, rgb: torch.Tensor, bar) -> List[Dict[str
     class_heatmap, relevances = attribute_class(
         loaded.model, prediction.data, prediction.target, job.family, job.composite, job.layer)
     relevances = relevances.cpu()
-    concepts = job.concepts or relevances.argsort(descending=True)[:job.top].tolist()
+    concepts = job.concepts or top_concepts(relevances, job.top, path, job.layer)
 
     rows, panels = [], []
     for concept in concepts:
@@ -728,9 +739,9 @@ def run_job(job: Job) -> List[Dict[str, object]]:
     return rows
 
 
-CSV_COLUMNS = ('image', 'model', 'layer', 'composite', 'target', 'target_name', 'predicted', 'predicted_name',
-               'probability', 'concept', 'concept_relevance', 'leaky_sum', 'isolated_sum', 'reference_sum',
-               'max_deviation', 'leaked_share', 'cut')
+CSV_COLUMNS = ('image', 'picture', 'model', 'layer', 'composite', 'target', 'target_name', 'predicted',
+               'predicted_name', 'probability', 'concept', 'concept_relevance', 'leaky_sum', 'isolated_sum',
+               'reference_sum', 'max_deviation', 'leaked_share', 'cut')
 
 
 def write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> Path:
@@ -767,11 +778,11 @@ def format_table(rows: Sequence[Mapping[str, object]]) -> str:
     for row in rows:
         reference = row['reference_sum']
         lines.append((
-            Path(str(row['image'])).name, str(row['target_name']), str(row['concept']),
+            str(row['image']), str(row['target_name']), str(row['concept']),
             number(row['leaky_sum']), number(row['isolated_sum']),
             '-' if reference == '' else number(reference),
             '-' if row['max_deviation'] == '' else f'{row["max_deviation"]:.1e}',
-            f'{row["leaked_share"]:.1%}',
+            'no relevance' if row['leaked_share'] == '' else f'{row["leaked_share"]:.1%}',
         ))
     widths = [max(len(text) for text in column) for column in zip(header, *lines)]
     # numbers right-aligned, names left-aligned

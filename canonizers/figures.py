@@ -5,6 +5,7 @@ its own symmetric range ``[-b, b]``, ``b`` the :py:data:`RANGE_PERCENTILE` th pe
 that the pattern of every heatmap is visible whatever its magnitude and a few extreme pixels do not wash it out
 (pixels beyond are drawn at full colour); the magnitudes are in the labels.
 '''
+import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ HEATMAP_CMAP = 'bwr'
 RANGE_PERCENTILE = 99.5
 #: inches per panel
 PANEL_SIZE = 2.0
+#: inches right of the panels for the colour bars
+COLORBAR_SPACE = 0.65
 DPI = 100
 
 
@@ -67,8 +70,8 @@ def color_bound(heatmap: np.ndarray) -> float:
     return bound if bound > 0. else float(magnitudes.max())
 
 
-def draw_heatmap(ax, heatmap: Union[torch.Tensor, np.ndarray], title: str) -> None:
-    '''Draw one heatmap on ``ax`` with its own colour range symmetric about 0, see :py:func:`color_bound`.
+def draw_heatmap(ax, heatmap: Union[torch.Tensor, np.ndarray], title: str, bound: Optional[float] = None):
+    '''Draw one heatmap on ``ax`` with a colour range symmetric about 0.
 
     Parameters
     ----------
@@ -78,11 +81,19 @@ def draw_heatmap(ax, heatmap: Union[torch.Tensor, np.ndarray], title: str) -> No
         ``[H, W]``.
     title: str
         The panel's title.
+    bound: float, optional
+        The colour range ``[-bound, bound]``; the heatmap's own :py:func:`color_bound` by default.
+
+    Returns
+    -------
+    :py:obj:`matplotlib.image.AxesImage`
+        The drawn image (for a colour bar).
     '''
     values = _as_array(heatmap)
-    bound = color_bound(values)
-    ax.imshow(values, cmap=HEATMAP_CMAP, vmin=-bound, vmax=bound, interpolation='nearest')
+    bound = color_bound(values) if bound is None else bound
+    image = ax.imshow(values, cmap=HEATMAP_CMAP, vmin=-bound, vmax=bound, interpolation='nearest')
     _frame(ax, title)
+    return image
 
 
 def draw_image(ax, image: Union[torch.Tensor, np.ndarray], title: str) -> None:
@@ -137,7 +148,7 @@ def explanation_figure(
     extra = 0.17 * heading.count('\n')
     # margins in inches: the heading on top, the row labels on the left
     top, left = 0.85 + extra, 0.55
-    width, height = 3 * PANEL_SIZE + 0.6, rows * (PANEL_SIZE + 0.45) + 0.5 + extra
+    width, height = 3 * PANEL_SIZE + 0.6 + COLORBAR_SPACE, rows * (PANEL_SIZE + 0.45) + 0.5 + extra
     figure = Figure(figsize=(width, height), dpi=DPI)
     axes = figure.subplots(rows, 3, squeeze=False)
     figure.suptitle(heading, fontsize=9.5)
@@ -146,16 +157,27 @@ def explanation_figure(
     draw_heatmap(axes[0, 1], class_heatmap, class_title)
     _legend(axes[0, 2])
 
+    drawn = []
     for row, panels in zip(axes[1:], concepts):
         leaked = panels.leaky - panels.isolated
-        draw_heatmap(row[0], panels.leaky, f'leaky  R={relevance_label(panels.leaky.sum().item())}\n'
-                                           f'{panels.leaked_share:.0%} leaked')
-        draw_heatmap(row[1], panels.isolated, f'isolated  R={relevance_label(panels.isolated.sum().item())}')
-        draw_heatmap(row[2], leaked, f'leaked = leaky - isolated\nR={relevance_label(leaked.sum().item())}')
+        # one scale for the row: leaky, isolated and leaked are parts of one another, so their magnitudes must
+        # compare (each on its own scale, a small isolated heatmap would look as strong as the leaky one)
+        bound = max(color_bound(_as_array(values)) for values in (panels.leaky, panels.isolated, leaked))
+        share = 'no relevance' if math.isnan(panels.leaked_share) else f'{panels.leaked_share:.0%} leaked'
+        draw_heatmap(row[0], panels.leaky, f'leaky  R={relevance_label(panels.leaky.sum().item())}\n{share}', bound)
+        draw_heatmap(row[1], panels.isolated, f'isolated  R={relevance_label(panels.isolated.sum().item())}', bound)
+        title = f'leaked = leaky - isolated\nR={relevance_label(leaked.sum().item())}'
+        drawn.append(draw_heatmap(row[2], leaked, title, bound))
         row[0].set_ylabel(f'concept {panels.concept}\nR at layer {relevance_label(panels.relevance)}', fontsize=8.5)
 
-    figure.subplots_adjust(left=left / width, right=1 - 0.05 / width, bottom=0.1 / height, top=1 - top / height,
+    right = COLORBAR_SPACE / width
+    figure.subplots_adjust(left=left / width, right=1 - right, bottom=0.1 / height, top=1 - top / height,
                            wspace=0.08, hspace=0.45 / PANEL_SIZE * 1.1)
+    for row, image in zip(axes[1:], drawn):
+        # the row's colour bar, right of its last panel
+        box = row[2].get_position()
+        bar = figure.add_axes([box.x1 + 0.08 / width, box.y0, 0.1 / width, box.height])
+        figure.colorbar(image, cax=bar).ax.tick_params(labelsize=6.5)
     return figure
 
 
@@ -167,7 +189,8 @@ def _legend(ax) -> None:
         'isolated: parallel paths cut\n\n'
         'R: sum of the heatmap\n'
         'leaked: share of |relevance|\nthrough parallel paths\n\n'
-        f'red +, blue -, each heatmap\nscaled to its own {RANGE_PERCENTILE:g}th\npercentile of |R|'
+        f'red +, blue -; one colour\nscale per row (bar on the\nright): the {RANGE_PERCENTILE:g}th percentile\nof |R| '
+        'of its three heatmaps'
     ), transform=ax.transAxes, va='top', ha='left', fontsize=7.5, linespacing=1.25)
 
 

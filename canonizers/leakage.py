@@ -17,6 +17,7 @@ deviation
     ``max|isolated - reference| / max|reference|``: how far the isolated heatmap is from CRP's
     ``exclude_parallel=True`` reference (0 up to rounding).
 '''
+import math
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -44,11 +45,12 @@ def leaked_share(leaky: torch.Tensor, isolated: torch.Tensor) -> float:
     Returns
     -------
     float
-        ``sum|leaky - isolated| / (sum|isolated| + sum|leaky - isolated|)``, in ``[0, 1]``; 0 if both heatmaps are 0.
+        ``sum|leaky - isolated| / (sum|isolated| + sum|leaky - isolated|)``, in ``[0, 1]``; NaN if both heatmaps are
+        0 (no relevance, so nothing that could have leaked: undefined, not 0%).
     '''
     leaked = (leaky - isolated).abs().sum().item()
     total = isolated.abs().sum().item() + leaked
-    return leaked / total if total > 0. else 0.
+    return leaked / total if total > 0. else math.nan
 
 
 def relative_deviation(value: torch.Tensor, reference: torch.Tensor) -> float:

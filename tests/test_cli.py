@@ -3,6 +3,7 @@ import argparse
 import contextlib
 import csv
 import io
+import math
 import os
 import re
 import subprocess
@@ -424,7 +425,7 @@ def test_picture_labels_and_symmetric_colour_ranges():
 
     leaky = torch.linspace(-1., 3., 64).reshape(8, 8)
     isolated = leaky * 0.25
-    figure = explanation_figure(torch.rand(8, 8, 3), leaky, [ConceptPanels(7, 0.5, leaky, isolated, 0.75)],
+    figure = explanation_figure(torch.rand(8, 8, 3), leaky * 10, [ConceptPanels(7, 0.5, leaky, isolated, 0.75)],
                                 image_title='input', class_title='class', heading='heading')
     axes = figure.axes
     titles = [ax.get_title() for ax in axes]
@@ -437,8 +438,26 @@ def test_picture_labels_and_symmetric_colour_ranges():
     for image in heatmaps:
         low, high = image.get_clim()
         assert low == -high and high > 0.
-    # each heatmap has its own range
-    assert len({image.get_clim() for image in heatmaps}) > 1
+    # the class heatmap has its own range; leaky, isolated and leaked share one, so their magnitudes compare
+    assert heatmaps[0].get_clim() != heatmaps[1].get_clim()
+    assert len({image.get_clim() for image in heatmaps[1:]}) == 1
+    assert heatmaps[1].get_clim()[1] == pytest.approx(float(np.percentile(leaky.abs(), 99.5)))
+    # with a colour bar for the row
+    assert len(figure.axes) == 7
+
+
+def test_zero_relevance_is_reported_as_such():
+    from canonizers.figures import ConceptPanels, explanation_figure
+
+    zeros = torch.zeros(8, 8)
+    assert math.isnan(leaked_share(zeros, zeros))
+    figure = explanation_figure(torch.rand(8, 8, 3), zeros, [ConceptPanels(7, 0., zeros, zeros, math.nan)],
+                                image_title='input', class_title='class', heading='heading')
+    assert 'leaky  R=+0\nno relevance' in [ax.get_title() for ax in figure.axes]
+    row = {'image': 'a/star.png', 'target_name': 'star', 'concept': 7, 'leaky_sum': 0., 'isolated_sum': 0.,
+           'reference_sum': 0., 'max_deviation': '', 'leaked_share': ''}
+    table = cli.format_table([row, dict(row, image='b/star.png')])
+    assert 'no relevance' in table and '0.0%' not in table and 'a/star.png' in table and 'b/star.png' in table
 
 
 # --- the numbers -----------------------------------------------------------------------------------------------------
@@ -446,7 +465,7 @@ def test_leaked_share_definition():
     isolated = torch.tensor([1., -1., 2.])
     assert leaked_share(isolated, isolated) == 0.
     assert leaked_share(torch.tensor([3., 0., 0.]), torch.zeros(3)) == 1.
-    assert leaked_share(torch.zeros(3), torch.zeros(3)) == 0.
+    assert math.isnan(leaked_share(torch.zeros(3), torch.zeros(3)))
     # the leak cancels the isolated heatmap exactly: half of the mass leaked, where 1 - 0 / 0 is undefined
     assert leaked_share(torch.zeros(3), isolated) == pytest.approx(0.5)
     assert leaked_share(torch.tensor([2., -1., 2.]), isolated) == pytest.approx(1 / 5)
