@@ -2,18 +2,18 @@
 __version__ = '0.1.0'
 
 from .cuts import PerSampleCut
-from .densenet import DenseBlockCanonizer, DenseLayerCanonizer, DenseNetCanonizer, DenseNetHeadCanonizer
-from .efficientnet import EfficientNetCanonizer, MBConvCanonizer
-from .gates import ConstantGate, SqueezeExcitationCanonizer
-from .layers import ThresholdReLU
-from .masked_sum import MaskedSum
-from .merging import ExactMergeBatchNorm, LinearMerge
-from .mobilenet import (
+from .families.densenet import DenseBlockCanonizer, DenseLayerCanonizer, DenseNetCanonizer, DenseNetHeadCanonizer
+from .families.efficientnet import EfficientNetCanonizer, MBConvCanonizer
+from .families.mobilenet import (
     MobileNetCanonizer,
     MobileNetV2InvertedResidualCanonizer,
     MobileNetV3InvertedResidualCanonizer,
 )
-from .resnet import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer, ResNetCanonizer
+from .families.resnet import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer, ResNetCanonizer
+from .gates import ConstantGate, SqueezeExcitationCanonizer
+from .layers import ThresholdReLU
+from .masked_sum import MaskedSum
+from .merging import ExactMergeBatchNorm, LinearMerge
 
 __all__ = [
     '__version__',

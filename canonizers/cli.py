@@ -24,8 +24,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .blocks import FamilyCanonizer
-from .cuts import RESIDUAL, SKIP
+from .family import FamilyCanonizer
 from .figures import ConceptPanels, explanation_figure, save_figure
 from .leakage import MODEL_OUTPUT, attribute_class, compare_heatmaps
 from .registry import families_for
@@ -873,8 +872,11 @@ def block_layers(family: FamilyCanonizer, model: torch.nn.Module) -> Dict[str, D
         except ValueError:
             # layers a condition may not name (gate layers, shared ReLUs) are not listed
             continue
-        for block, branch in cut.items():
-            held = RESIDUAL if branch == SKIP else SKIP
+        branches = family.blocks(model)
+        for block, cut_branches in cut.items():
+            cut_branches = {cut_branches} if isinstance(cut_branches, str) else set(cut_branches)
+            # the branch that holds the layer: the one its isolating cut leaves
+            held = '/'.join(branch for branch in branches.get(block, ()) if branch not in cut_branches) or '-'
             channels = getattr(module, 'out_channels', getattr(module, 'out_features', '?'))
             layers.setdefault(block, {}).setdefault(held, []).append(f'{name[len(block) + 1:]} ({channels})')
     return layers

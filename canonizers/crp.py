@@ -39,8 +39,9 @@ except ImportError as error:
         '`pip install zennit-canonizers[crp]`'
     ) from error
 
-from .blocks import BlockCanonizer, FamilyCanonizer
+from .blocks import BlockCanonizer
 from .cuts import PerSampleCut
+from .family import FamilyCanonizer
 from .registry import FAMILIES, families_for
 from .tracing import ParallelPaths, TracingError, describe, parallel_paths
 
@@ -75,10 +76,10 @@ class _LayerCuts:
         fitted = bool(self.sources)
         # also without any source: unknown layer names are still refused
         if loose or not self.sources:
-            self.sources.append(FamilyCanonizer(loose))
+            self.sources.append(FamilyCanonizer(parts=loose))
         self.cache: Dict[frozenset, Dict[str, str]] = {}
         # the merges of parallel paths the sources handle; the others are found by tracing the model
-        self.covered = {block for source in self.sources for part in source._block_canonizers
+        self.covered = {block for source in self.sources for part in source._rewrites
                         for block in part.blocks(model)}
         self.untraceable: Optional[TracingError] = None
         try:
@@ -303,7 +304,7 @@ class IsolatingCondAttribution(CondAttribution):
 
     Each condition is isolated by cutting the parallel paths around its layers (:py:func:`cuts_for`), one cut per
     sample of the batch (:py:class:`~canonizers.PerSampleCut`), on the canonizer of this package in the composite
-    (a :py:class:`~canonizers.blocks.FamilyCanonizer` such as :py:class:`~canonizers.ResNetCanonizer`, or a
+    (a :py:class:`~canonizers.family.FamilyCanonizer` such as :py:class:`~canonizers.ResNetCanonizer`, or a
     :py:class:`~canonizers.blocks.BlockCanonizer`). The canonizer's own cut is replaced during a call (with a warning
     if it had one) and restored afterwards, also on error.
 

@@ -13,9 +13,8 @@ import torch
 from torchvision.ops.misc import SqueezeExcitation
 from zennit.types import Activation
 
-from .blocks import BlockCanonizer
-from .cuts import ResolvedCut
 from .patch import ModulePatch
+from .rewrites import ForwardRewrite
 
 
 class ConstantGate(torch.nn.Module, Activation):
@@ -61,7 +60,7 @@ def gated_forward(self: SqueezeExcitation, input: torch.Tensor) -> torch.Tensor:
     return self.canonizer_gate(input, gate=scale)
 
 
-class SqueezeExcitationCanonizer(BlockCanonizer):
+class SqueezeExcitationCanonizer(ForwardRewrite):
     '''Canonizer that treats the gate of torchvision's ``SqueezeExcitation`` as a constant in the backward pass.
 
     The forward of each block is rewritten to multiply by the gate through a :py:class:`ConstantGate` submodule named
@@ -75,13 +74,6 @@ class SqueezeExcitationCanonizer(BlockCanonizer):
     #: module types whose forward this canonizer rewrites; they must compute ``self._scale(input) * input``
     block_types: Tuple[type, ...] = (SqueezeExcitation,)
 
-    def branches(self, name: str, module: torch.nn.Module) -> Tuple[str, ...]:
-        return ()
-
-    def refusal(self, name: str, module: torch.nn.Module) -> None:
-        # a layer of its enclosing block like any other: the error names that block
-        return None
-
     def layer_refusal(self, name: str, module: torch.nn.Module, layer: str) -> str:
         return (f'{name}.{layer} computes the gate of squeeze-and-excitation block {name!r}, which is constant in the '
                 'backward pass: no relevance flows into it by construction, so a condition on it has none; condition '
@@ -90,6 +82,3 @@ class SqueezeExcitationCanonizer(BlockCanonizer):
     def rewrite(self, patch: ModulePatch, module: torch.nn.Module) -> None:
         patch.set_attribute(module, 'canonizer_gate', ConstantGate().train(module.training))
         patch.set_attribute(module, 'forward', gated_forward.__get__(module))
-
-    def update(self, cut: ResolvedCut) -> None:
-        pass

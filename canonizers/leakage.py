@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .blocks import FamilyCanonizer
+from .family import FamilyCanonizer
 
 MODEL_OUTPUT = 'y'
 

@@ -10,41 +10,17 @@ function of its parameters as well as of its input (gradients w.r.t. every origi
 and 0.5.1 require the layers' parameters to stay ``torch.nn.Parameter`` objects, so there the merged values replace
 the parameters' data, as zennit's own ``MergeBatchNorm`` does: the output is exact, parameter gradients are not.
 '''
-import weakref
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from zennit.canonizers import Canonizer
 from zennit.types import BatchNorm, ConvolutionStandard, ConvolutionTranspose, Linear
 
 from .compat import RULES_ASSIGN_PARAMETERS, RestoreSwappedParameters
+from .cuts import BlockCatalog
 from .layers import ThresholdReLU
+from .lifecycle import MERGED, remove_all, require_eval
 from .patch import ModulePatch
-
-# batch norms merged by a canonizer of this package that is still registered, and the linear layers merged into
-_MERGED: 'weakref.WeakKeyDictionary[torch.nn.Module, bool]' = weakref.WeakKeyDictionary()
-
-
-def require_eval(root: torch.nn.Module) -> None:
-    '''Refuse a model in training mode, where batch norms use batch statistics and cannot be merged.
-
-    Parameters
-    ----------
-    root: :py:obj:`torch.nn.Module`
-        The model.
-
-    Raises
-    ------
-    RuntimeError
-        If ``root`` or any of its batch norms is in training mode.
-    '''
-    training = [
-        name or '(the model itself)' for name, module in root.named_modules()
-        if module.training and (module is root or isinstance(module, BatchNorm))
-    ]
-    if training:
-        raise RuntimeError(f'the model is in training mode (e.g. module {training[0]!r}): batch norms can only be '
-                           'merged in eval mode, call model.eval() before canonizing')
 
 
 def leaves(root: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Module]]:
@@ -59,12 +35,6 @@ def output_features(linear: torch.nn.Module) -> int:
     if isinstance(linear, torch.nn.Linear):
         return linear.out_features
     return linear.out_channels
-
-
-def remove_all(instances: Sequence[Canonizer]) -> None:
-    '''Remove registered canonizer instances, last first.'''
-    for instance in reversed(instances):
-        instance.remove()
 
 
 def sequential_merges(root: torch.nn.Module) -> List['LinearMerge']:
@@ -124,7 +94,7 @@ def check_batch_norm(batch_norm: torch.nn.Module) -> None:
     if batch_norm.running_mean is None or batch_norm.running_var is None:
         raise ValueError(f'batch norm {batch_norm} keeps no running statistics (track_running_stats=False) and '
                          'cannot be merged')
-    if batch_norm in _MERGED:
+    if batch_norm in MERGED:
         raise RuntimeError(f'batch norm {batch_norm} is merged by a canonizer that is still registered: remove it '
                            'before applying another one (nested composite contexts are not supported)')
 
@@ -157,8 +127,7 @@ def make_identity(patch: ModulePatch, batch_norm: torch.nn.Module) -> None:
             install(patch, batch_norm, key, torch.full_like(tensor, fill, requires_grad=False))
     # with eps = 0 the normalisation divides by sqrt(1) = 1 exactly
     patch.set_attribute(batch_norm, 'eps', 0.)
-    _MERGED[batch_norm] = True
-    patch.on_undo(lambda: _MERGED.pop(batch_norm, None))
+    MERGED.claim(patch, batch_norm)
 
 
 class LinearMerge(NamedTuple):
@@ -385,13 +354,15 @@ class ExactMergeBatchNorm(Canonizer):
         self.merge: Optional[LinearMerge] = None
         self.patch = ModulePatch()
 
-    def check(self, root_module: torch.nn.Module) -> List[LinearMerge]:
+    def check(self, root_module: torch.nn.Module, catalog: Optional[BlockCatalog] = None) -> List[LinearMerge]:
         '''Find and validate the merges without changing anything.
 
         Parameters
         ----------
         root_module: :py:obj:`torch.nn.Module`
             The model.
+        catalog: :py:class:`~canonizers.cuts.BlockCatalog`, optional
+            Not used: merges know no cuts (the argument belongs to the protocol of a family's parts).
 
         Returns
         -------
@@ -419,7 +390,7 @@ class ExactMergeBatchNorm(Canonizer):
                 seen.add(id(part))
         return merges
 
-    def apply(self, root_module: torch.nn.Module) -> List['ExactMergeBatchNorm']:
+    def apply(self, root_module: torch.nn.Module) -> List[Canonizer]:
         '''Apply all merges found in ``root_module``; on failure, undo what was done and raise.
 
         Parameters
@@ -429,14 +400,17 @@ class ExactMergeBatchNorm(Canonizer):
 
         Returns
         -------
-        list of :py:class:`ExactMergeBatchNorm`
-            One registered instance per linear layer.
+        list of :py:obj:`zennit.canonizers.Canonizer`
+            One registered instance per linear layer (and, with zennit 1.0, one that puts back the parameter objects
+            zennit's rules swap).
         '''
-        instances = self.apply_checked(self.check(root_module))
+        instances = self.apply_checked(root_module, None, self.check(root_module))
         # zennit 1.0's rules swap parameter objects while applied: put the model's own back on removal
         return instances + RestoreSwappedParameters().apply(root_module) if instances else instances
 
-    def apply_checked(self, merges: List[LinearMerge]) -> List['ExactMergeBatchNorm']:
+    def apply_checked(
+        self, root_module: torch.nn.Module, catalog: Optional[BlockCatalog], merges: List[LinearMerge]
+    ) -> List['ExactMergeBatchNorm']:
         ''':py:meth:`apply` after :py:meth:`check` passed, with the merges it returned.'''
         instances = []
         try:

@@ -7,11 +7,11 @@ from typing import Dict, List, Type
 
 import torch
 
-from .blocks import FamilyCanonizer
-from .densenet import DenseNetCanonizer
-from .efficientnet import EfficientNetCanonizer
-from .mobilenet import MobileNetCanonizer
-from .resnet import ResNetCanonizer
+from .families.densenet import DenseNetCanonizer
+from .families.efficientnet import EfficientNetCanonizer
+from .families.mobilenet import MobileNetCanonizer
+from .families.resnet import ResNetCanonizer
+from .family import FamilyCanonizer
 
 #: the family canonizers of this package, by name
 FAMILIES: Dict[str, Type[FamilyCanonizer]] = {

@@ -1,6 +1,5 @@
 '''canonizers.crp: isolated conditional heatmaps for any mix of conditions, against CRP's exclude_parallel=True
 computed one condition at a time (the oracle), and cut tables written by hand from the architectures.'''
-import importlib
 import math
 import os
 import re
@@ -18,23 +17,18 @@ from zennit.canonizers import CompositeCanonizer
 from zennit.composites import EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer as ZennitResNetCanonizer
 
-from canonizers import ExactMergeBatchNorm, PerSampleCut, ResNetBasicBlockCanonizer, ResNetCanonizer
+from canonizers import (
+    DenseNetCanonizer,
+    EfficientNetCanonizer,
+    ExactMergeBatchNorm,
+    MobileNetCanonizer,
+    PerSampleCut,
+    ResNetBasicBlockCanonizer,
+    ResNetCanonizer,
+)
 from canonizers.crp import IsolatingCondAttribution, cuts_for
 
 TARGET = 3
-
-
-def family_canonizer(module, name):
-    '''The family canonizer class, or skip while the engineer adding it has not landed it yet.'''
-    try:
-        found = importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        if error.name != module:
-            raise
-        pytest.skip(f'{module} does not exist yet: {name} has not landed')
-    if not hasattr(found, name):
-        pytest.skip(f'{module}.{name} does not exist yet')
-    return getattr(found, name)
 
 
 def model_order(model, layers):
@@ -77,7 +71,7 @@ def count_forwards(model):
 # conditions' layers: several layers, a condition with two layers, layers whose conditions need no cut
 CASES = {
     'resnet50': (
-        ('canonizers', 'ResNetCanonizer'), 'conv1', [
+        ResNetCanonizer, 'conv1', [
             ('layer1.0.conv2',),
             ('layer2.0.downsample.0',),
             ('layer2.1.conv1', 'layer4.0.conv2'),
@@ -86,7 +80,7 @@ CASES = {
             (),
         ]),
     'densenet121': (
-        ('canonizers.densenet', 'DenseNetCanonizer'), 'features.conv0', [
+        DenseNetCanonizer, 'features.conv0', [
             ('features.denseblock1.denselayer2.conv1',),
             ('features.denseblock2.denselayer5.conv2',),
             ('features.transition2.conv',),
@@ -94,7 +88,7 @@ CASES = {
             ('features.denseblock2.denselayer3.conv2', 'features.denseblock4.denselayer3.conv1'),
         ]),
     'efficientnet_b0': (
-        ('canonizers.efficientnet', 'EfficientNetCanonizer'), 'features.0.0', [
+        EfficientNetCanonizer, 'features.0.0', [
             ('features.2.1.block.0.0',),
             ('features.4.2.block.1.0',),
             ('features.3.0.block.3.0',),
@@ -107,8 +101,7 @@ CASES = {
 class Reference:
     '''A model, its conditions, and CRP's isolated heatmaps of them, one condition at a time.'''
     def __init__(self, name):
-        (module, family_name), self.bottom, layer_sets = CASES[name]
-        self.family = family_canonizer(module, family_name)
+        self.family, self.bottom, layer_sets = CASES[name]
         self.model = make_model(name, dtype=torch.float64)
         self.data = make_input(dtype=torch.float64)
         plain = EpsilonPlusFlat(canonizers=[self.family()])
@@ -258,22 +251,21 @@ MOBILENET_V2_CUTS = [
 ]
 
 TABLES = [
-    ('resnet50', ('canonizers', 'ResNetCanonizer'), RESNET50_CUTS),
-    ('densenet121', ('canonizers.densenet', 'DenseNetCanonizer'), DENSENET121_CUTS),
-    ('efficientnet_b0', ('canonizers.efficientnet', 'EfficientNetCanonizer'), EFFICIENTNET_B0_CUTS),
-    ('mobilenet_v2', ('canonizers.mobilenet', 'MobileNetCanonizer'), MOBILENET_V2_CUTS),
+    ('resnet50', ResNetCanonizer, RESNET50_CUTS),
+    ('densenet121', DenseNetCanonizer, DENSENET121_CUTS),
+    ('efficientnet_b0', EfficientNetCanonizer, EFFICIENTNET_B0_CUTS),
+    ('mobilenet_v2', MobileNetCanonizer, MOBILENET_V2_CUTS),
 ]
 
 
 @pytest.mark.parametrize('name, family, table', TABLES)
 def test_cuts_for_table(name, family, table):
-    family_canonizer(*family)
     model = getattr(torchvision.models, name)(num_classes=10).eval()
     conditions = [{**{layer: [0] for layer in layers}, 'y': [1]} for layers, _ in table]
     cuts = cuts_for(model, conditions)
     assert cuts == [expected for _, expected in table]
     # the family canonizer accepts them all at once, as a per-sample cut
-    family_canonizer(*family)(cut=PerSampleCut(cuts)).check(model)
+    family(cut=PerSampleCut(cuts)).check(model)
 
 
 def test_cuts_for_model_without_parallel_paths():

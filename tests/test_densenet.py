@@ -28,7 +28,7 @@ from canonizers import (
     PerSampleCut,
     ThresholdReLU,
 )
-from canonizers.densenet import DenseBlockCanonizer, densenet_merges
+from canonizers.families.densenet import DenseBlockCanonizer, densenet_merges
 from canonizers.registry import families_for
 
 TARGET = 3

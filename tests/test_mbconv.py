@@ -34,7 +34,7 @@ from canonizers import (
     PerSampleCut,
     SqueezeExcitationCanonizer,
 )
-from canonizers.blocks import FamilyCanonizer
+from canonizers.family import FamilyCanonizer
 from canonizers.masked_sum import MaskedSum
 from canonizers.registry import families_for
 
@@ -251,7 +251,7 @@ def test_conservation_on_bias_free_model(name):
 def test_conservation_needs_every_part(parts):
     model = make_lively_model('efficientnet_b0', bias_free=True)
     data = make_input(dtype=torch.float64)
-    assert conservation_error(model, [FamilyCanonizer(parts())], data) > 1e-2
+    assert conservation_error(model, [FamilyCanonizer(parts=parts())], data) > 1e-2
 
 
 # --- cuts: isolation, linearity, layers outside residual blocks ------------------------------------------------------
@@ -487,8 +487,8 @@ def test_nested_application_is_refused(name, first):
 
 @pytest.mark.parametrize('name, target, method', [
     ('efficientnet_b0', 'canonizers.gates.SqueezeExcitationCanonizer', 'register'),
-    ('efficientnet_v2_s', 'canonizers.efficientnet.MBConvCanonizer', 'rewrite'),
-    ('mobilenet_v2', 'canonizers.mobilenet.MobileNetV2InvertedResidualCanonizer', 'rewrite'),
+    ('efficientnet_v2_s', 'canonizers.families.efficientnet.MBConvCanonizer', 'rewrite'),
+    ('mobilenet_v2', 'canonizers.families.mobilenet.MobileNetV2InvertedResidualCanonizer', 'rewrite'),
     ('mobilenet_v3_small', 'canonizers.gates.SqueezeExcitationCanonizer', 'register'),
 ])
 def test_failure_half_way_is_rolled_back(monkeypatch, name, target, method):

@@ -63,10 +63,10 @@ def test_nested_application_is_refused(first):
 def test_failure_half_way_is_rolled_back(monkeypatch):
     model = make_model('resnet50')
     before = snapshot(model)
-    from canonizers import resnet
+    from canonizers import residual
 
     calls = []
-    original = resnet.ResidualSumCanonizer.rewrite
+    original = residual.ResidualSumCanonizer.rewrite
 
     def failing(self, patch, module):
         calls.append(module)
@@ -74,7 +74,7 @@ def test_failure_half_way_is_rolled_back(monkeypatch):
             raise RuntimeError('injected failure')
         original(self, patch, module)
 
-    monkeypatch.setattr(resnet.ResidualSumCanonizer, 'rewrite', failing)
+    monkeypatch.setattr(residual.ResidualSumCanonizer, 'rewrite', failing)
     with pytest.raises(RuntimeError, match='injected failure'):
         ResNetCanonizer(cut=['layer1.0']).apply(model)
     assert_untouched(model, before)

@@ -2,29 +2,16 @@
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .blocks import BlockCanonizer, FamilyCanonizer
-from .cuts import RESIDUAL, SKIP, CutLike, ResolvedCut
-from .masked_sum import MaskedSum
-from .merging import ExactMergeBatchNorm
-from .patch import ModulePatch
-
-# the order of the summands stacked for the sum: the shortcut first, as zennit does
-SUMMANDS = (SKIP, RESIDUAL)
+from ..cuts import RESIDUAL, SKIP
+from ..family import FamilyCanonizer
+from ..merging import ExactMergeBatchNorm
+from ..residual import ResidualSumCanonizer, residual_sum
 
 
-def residual_sum(block: torch.nn.Module, shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    '''Add the shortcut and the transforming branch of ``block`` through its masked sum.'''
-    return block.canonizer_sum(torch.stack([shortcut, branch], dim=-1))
-
-
-class ResidualSumCanonizer(BlockCanonizer):
-    '''Base of the canonizers whose blocks add a shortcut to a transforming branch through a
-    :py:class:`~canonizers.MaskedSum` named ``canonizer_sum``; the ``skip`` branch is the shortcut, the ``residual``
-    branch the transforming one.'''
-    def rewrite(self, patch: ModulePatch, module: torch.nn.Module) -> None:
-        patch.set_attribute(module, 'forward', self.forward.__get__(module))
-        patch.set_attribute(module, 'canonizer_sum', MaskedSum(dim=-1).train(module.training))
-
+class ResNetBlockCanonizer(ResidualSumCanonizer):
+    '''Base of the canonizers for torchvision's ResNet blocks: the ``skip`` branch is the identity or the
+    ``downsample`` path, the ``residual`` branch the convolutions; the block's one ReLU is used inside the residual
+    branch and after the sum, so no condition can name it.'''
     def branch_of(self, name: str, module: torch.nn.Module, layer: str) -> str:
         if layer == 'relu':
             # torchvision's blocks call their one ReLU inside the branch and again after the sum
@@ -33,16 +20,8 @@ class ResidualSumCanonizer(BlockCanonizer):
         # the downsample path is the shortcut
         return SKIP if layer.split('.')[0] == 'downsample' else RESIDUAL
 
-    def update(self, cut: ResolvedCut) -> None:
-        self.module.canonizer_sum.mask = cut.mask([[(self.name, branch)] for branch in SUMMANDS])
 
-    @staticmethod
-    def forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        '''The rewritten forward of the block; ``self`` is the block.'''
-        raise NotImplementedError
-
-
-class ResNetBasicBlockCanonizer(ResidualSumCanonizer):
+class ResNetBasicBlockCanonizer(ResNetBlockCanonizer):
     '''Canonizer for torchvision's ResNet ``BasicBlock``: the shortcut (identity or downsample) and the residual branch
     are added by a :py:class:`~canonizers.MaskedSum`, so either can be cut.
 
@@ -74,7 +53,7 @@ class ResNetBasicBlockCanonizer(ResidualSumCanonizer):
         return out
 
 
-class ResNetBottleneckCanonizer(ResidualSumCanonizer):
+class ResNetBottleneckCanonizer(ResNetBlockCanonizer):
     '''Canonizer for torchvision's ResNet ``Bottleneck`` (also ResNeXt and Wide ResNet): the shortcut (identity or
     downsample) and the residual branch are added by a :py:class:`~canonizers.MaskedSum`, so either can be cut.
 
@@ -123,9 +102,4 @@ class ResNetCanonizer(FamilyCanonizer):
         Which paths carry no relevance: block names (``"layer3.0"``) or glob patterns (``"layer4.*"``) whose skip path
         is cut, or a mapping of them to ``"skip"`` or ``"residual"``.
     '''
-    def __init__(self, cut: CutLike = None) -> None:
-        super().__init__([ExactMergeBatchNorm(), ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()], cut)
-
-    def copy(self) -> 'ResNetCanonizer':
-        '''Return a copy of this canonizer with the same cut.'''
-        return self.__class__(self.cut)
+    parts = (ExactMergeBatchNorm, ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer)

@@ -16,17 +16,19 @@ gradient of each feature it takes in:
 - dense block ``"skip"``: the block input is cut from the block output;
 - dense block ``"residual"``: the dense layers' outputs are cut from the block output.
 '''
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
 
-from .blocks import BlockCanonizer, FamilyCanonizer
-from .cuts import RESIDUAL, SKIP, BlockCatalog, CutLike, ResolvedCut
-from .masked_sum import mask_gradient
-from .merging import ExactMergeBatchNorm, LinearMerge, apply_merge, check_merge
-from .patch import ModulePatch
+from ..blocks import BlockCanonizer
+from ..cuts import RESIDUAL, SKIP, BlockCatalog, ResolvedCut
+from ..family import FamilyCanonizer
+from ..masked_sum import mask_gradient
+from ..merging import ExactMergeBatchNorm, LinearMerge, apply_merge, check_merge
+from ..patch import ModulePatch
+from ..rewrites import Checked, ForwardRewrite
 
 
 def densenet_merges(root_module: torch.nn.Module) -> List[LinearMerge]:
@@ -64,7 +66,7 @@ def head_merge(module: DenseNet) -> LinearMerge:
     return LinearMerge(module.classifier, before=module.features.norm5, relu=(module, 'canonizer_relu'))
 
 
-class DenseNetHeadCanonizer(BlockCanonizer):
+class DenseNetHeadCanonizer(ForwardRewrite):
     '''Canonizer for torchvision's ``DenseNet`` itself: the forward calls the final ReLU and the average pool as
     modules (``canonizer_relu``, ``canonizer_pool``), so that composites map rules onto them, and ``norm5`` is merged
     into the classifier with the ReLU as a :py:class:`~canonizers.layers.ThresholdReLU`. It has nothing to cut.
@@ -74,19 +76,16 @@ class DenseNetHeadCanonizer(BlockCanonizer):
     '''
     block_types = (DenseNet,)
 
-    def branches(self, name: str, module: torch.nn.Module) -> Tuple[str, ...]:
-        return ()
-
     def refusal(self, name: str, module: torch.nn.Module) -> str:
         return (f'{name or "the model"!r} is the DenseNet itself, which has no parallel path of its own: cut dense '
                 'blocks or dense layers')
 
-    def check(self, root_module: torch.nn.Module, catalog: Optional[BlockCatalog] = None) -> ResolvedCut:
-        resolved = super().check(root_module, catalog)
-        for module in self.blocks(root_module).values():
+    def check(self, root_module: torch.nn.Module, catalog: Optional[BlockCatalog] = None) -> Checked:
+        checked = super().check(root_module, catalog)
+        for module in checked.blocks.values():
             # the ReLU does not exist before rewriting: validate the batch norm and the classifier alone
             check_merge(head_merge(module)._replace(relu=None))
-        return resolved
+        return checked
 
     def rewrite(self, patch: ModulePatch, module: torch.nn.Module) -> None:
         patch.set_attribute(module, 'forward', self.forward.__get__(module))
@@ -95,9 +94,6 @@ class DenseNetHeadCanonizer(BlockCanonizer):
         merge = head_merge(module)
         check_merge(merge)
         apply_merge(patch, merge)
-
-    def update(self, cut: ResolvedCut) -> None:
-        pass
 
     @staticmethod
     def forward(self: DenseNet, x: torch.Tensor) -> torch.Tensor:
@@ -255,13 +251,12 @@ class DenseNetCanonizer(FamilyCanonizer):
         pass through it; its residual cut removes its output from all consumers. A dense block's skip cut removes the
         block input from the block output, its residual cut the dense layers' outputs.
     '''
-    def __init__(self, cut: CutLike = None) -> None:
-        super().__init__([
-            ExactMergeBatchNorm(densenet_merges),
-            DenseNetHeadCanonizer(),
-            DenseBlockCanonizer(),
-            DenseLayerCanonizer(),
-        ], cut)
+    parts = (
+        lambda: ExactMergeBatchNorm(densenet_merges),
+        DenseNetHeadCanonizer,
+        DenseBlockCanonizer,
+        DenseLayerCanonizer,
+    )
 
     def layer_cuts(self, root_module: torch.nn.Module, layers: Iterable[str]) -> Dict[str, str]:
         '''The cut that makes all relevance reaching the input pass through every one of ``layers``.
@@ -289,6 +284,3 @@ class DenseNetCanonizer(FamilyCanonizer):
         cuts.update((layer, SKIP) for layer in layers if layer in dense_layers)
         return cuts
 
-    def copy(self) -> 'DenseNetCanonizer':
-        '''Return a copy of this canonizer with the same cut.'''
-        return self.__class__(self.cut)

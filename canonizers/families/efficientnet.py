@@ -2,12 +2,10 @@
 import torch
 from torchvision.models.efficientnet import FusedMBConv, MBConv
 
-from .blocks import FamilyCanonizer
-from .cuts import CutLike
-from .gates import SqueezeExcitationCanonizer
-from .merging import ExactMergeBatchNorm
-from .mobilenet import InvertedResidualCanonizer
-from .resnet import residual_sum
+from ..family import FamilyCanonizer
+from ..gates import SqueezeExcitationCanonizer
+from ..merging import ExactMergeBatchNorm
+from ..residual import InvertedResidualCanonizer, residual_sum
 
 
 class MBConvCanonizer(InvertedResidualCanonizer):
@@ -47,9 +45,4 @@ class EfficientNetCanonizer(FamilyCanonizer):
         skip path is cut, or a mapping of them to ``"skip"`` or ``"residual"``. Only blocks with a residual connection
         can be named.
     '''
-    def __init__(self, cut: CutLike = None) -> None:
-        super().__init__([ExactMergeBatchNorm(), MBConvCanonizer(), SqueezeExcitationCanonizer()], cut)
-
-    def copy(self) -> 'EfficientNetCanonizer':
-        '''Return a copy of this canonizer with the same cut.'''
-        return self.__class__(self.cut)
+    parts = (ExactMergeBatchNorm, MBConvCanonizer, SqueezeExcitationCanonizer)
