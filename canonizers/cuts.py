@@ -1,7 +1,8 @@
 '''Cut specifications: which parallel paths of which blocks carry no relevance.
 
 A cut is given by the user as ``None``, an iterable of block names or glob patterns (their **skip** path is cut), or
-a mapping from name or pattern to ``"skip"`` or ``"residual"``. :py:class:`PerSampleCut` holds one such
+a mapping from name or pattern to a branch (``"skip"`` or ``"residual"`` for two-path blocks; a block names its own
+branches, and several of one block are given as a tuple). :py:class:`PerSampleCut` holds one such
 specification per batch sample. :py:class:`BlockCatalog` resolves specifications against the blocks of one model,
 refusing anything it cannot place, and :py:class:`ResolvedCut` turns the result into gradient masks.
 '''
@@ -18,7 +19,7 @@ BRANCHES = (SKIP, RESIDUAL)
 #: a parsed specification: (name or pattern, branch) pairs in the order given
 Entries = Tuple[Tuple[str, str], ...]
 #: what users may pass as ``cut``
-CutLike = Union[None, str, Iterable[str], Mapping[str, str], 'PerSampleCut']
+CutLike = Union[None, str, Iterable[str], Mapping[str, Union[str, Sequence[str]]], 'PerSampleCut']
 #: (block name, branch) pairs that are cut
 CutSet = FrozenSet[Tuple[str, str]]
 
@@ -52,7 +53,11 @@ def parse_entries(cut: Union[None, str, Iterable[str], Mapping[str, str]]) -> En
         # a lone string is one block name, not an iterable of one-letter names
         items = [(cut, SKIP)]
     elif isinstance(cut, Mapping):
-        items = list(cut.items())
+        items = []
+        for name, branches in cut.items():
+            # several branches of one block (a merge of more than two paths) as a tuple or list
+            for branch in (branches if isinstance(branches, (tuple, list)) else [branches]):
+                items.append((name, branch))
     elif isinstance(cut, Iterable):
         items = [(name, SKIP) for name in cut]
     else:
@@ -61,8 +66,9 @@ def parse_entries(cut: Union[None, str, Iterable[str], Mapping[str, str]]) -> En
     for name, branch in items:
         if not isinstance(name, str):
             raise TypeError(f'block names in a cut must be strings, got {name!r}')
-        if branch not in BRANCHES:
-            raise ValueError(f'branch {branch!r} for {name!r} is not valid: use {SKIP!r} or {RESIDUAL!r}')
+        if not isinstance(branch, str):
+            raise TypeError(f'branches in a cut must be strings (or tuples of them), got {branch!r} for {name!r}')
+    # branch names are checked against the blocks they name when the cut is resolved
     return tuple(items)
 
 
@@ -119,7 +125,11 @@ def public_cut(cut: ParsedCut) -> Union[Dict[str, str], PerSampleCut]:
     :py:class:`PerSampleCut`.'''
     if isinstance(cut, PerSampleCut):
         return cut
-    return dict(cut)
+    grouped: Dict[str, List[str]] = {}
+    for name, branch in cut:
+        if branch not in grouped.setdefault(name, []):
+            grouped[name].append(branch)
+    return {name: branches[0] if len(branches) == 1 else tuple(branches) for name, branches in grouped.items()}
 
 
 def _is_pattern(name: str) -> bool:
@@ -217,8 +227,8 @@ class BlockCatalog:
         for name, branch in entries:
             for block in self._match(name):
                 if branch not in self.blocks[block]:
-                    raise ValueError(f'block {block!r} has no {branch!r} branch to cut; it can cut: '
-                                     f'{", ".join(map(repr, self.blocks[block]))}')
+                    raise ValueError(f'branch {branch!r} for {name!r} is not valid: use '
+                                     f'{" or ".join(map(repr, self.blocks[block]))}')
                 pairs.add((block, branch))
         return frozenset(pairs)
 
