@@ -18,6 +18,7 @@ from PIL import Image
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 
 from canonizers import ResNetCanonizer, cli
+from canonizers.cli import explaining  # noqa: F401 (the module whose progress bar the tests record)
 from canonizers.demo import CLASSES, load_demo_model, sample_images
 from canonizers.leakage import leaked_share
 
@@ -123,7 +124,7 @@ def explained(files, tmp_path_factory):
     out = tmp_path_factory.mktemp('explained')
     bars = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, 'progress_bar', lambda *args: bars.append(Recorder(*args)) or bars[-1])
+        patch.setattr(cli.explaining, 'progress_bar', lambda *args: bars.append(Recorder(*args)) or bars[-1])
         result = run('explain', '--model', 'demo', '--weights', files['demo'], '--image', files['star'],
                      files['cross'], '--layer', LAYER, '--concepts', '3,17', '--out', out)
     return result, out, bars
