@@ -115,7 +115,8 @@ def compare_heatmaps(
     reference: bool = True,
 ) -> List[Dict[str, object]]:
     '''For each condition, the leaky heatmap (CRP without isolation), ours (the skip paths around the conditioned layers
-    cut) and CRP's ``exclude_parallel=True`` reference.
+    cut) and CRP's ``exclude_parallel=True`` reference. The leaky heatmaps of all conditions take one forward and
+    backward pass, and so do the isolated ones (:py:class:`~canonizers.crp.IsolatingCondAttribution`).
 
     Parameters
     ----------
@@ -130,7 +131,7 @@ def compare_heatmaps(
     composite: callable
         zennit composite class taking ``canonizers=[...]``, e.g. ``zennit.composites.EpsilonPlusFlat``.
     reference: bool, optional
-        Whether to compute CRP's reference too (one more backward pass per condition).
+        Whether to compute CRP's reference too (one more forward and backward pass per set of conditioned layers).
 
     Returns
     -------
@@ -141,25 +142,37 @@ def compare_heatmaps(
     '''
     from crp.attribution import CondAttribution
 
-    attribution = CondAttribution(model, no_param_grad=False)
+    from .crp import IsolatingCondAttribution, cuts_for
 
-    def heatmap(condition, canonizer, exclude_parallel):
-        return attribution(data.detach().clone().requires_grad_(True), [dict(condition)],
-                           composite(canonizers=[canonizer]), exclude_parallel=exclude_parallel).heatmap[0].detach()
+    conditions = [dict(condition) for condition in conditions]
+    sample = data.detach().clone().requires_grad_(True)
+    engine = IsolatingCondAttribution(model, no_param_grad=False)
+    # all conditions at once: one pass for the leaky heatmaps, one for the isolated ones
+    leaky = engine(sample, conditions, composite(canonizers=[family()]), exclude_parallel=False).heatmap.detach()
+    isolated = engine(sample, conditions, composite(canonizers=[family()])).heatmap.detach()
+    references: List[Optional[torch.Tensor]] = [None] * len(conditions)
+    if reference:
+        # CRP's exclude_parallel=True takes conditions with the same layers together and returns them grouped
+        groups: Dict[frozenset, List[int]] = {}
+        for index, condition in enumerate(conditions):
+            groups.setdefault(frozenset(condition_layers(condition)), []).append(index)
+        attribution = CondAttribution(model, no_param_grad=False)
+        for indices in groups.values():
+            heatmaps = attribution(sample, [conditions[index] for index in indices], composite(canonizers=[family()]),
+                                   exclude_parallel=True).heatmap.detach()
+            for index, heatmap in zip(indices, heatmaps):
+                references[index] = heatmap
 
     rows = []
-    for condition in conditions:
-        cut = family().layer_cuts(model, condition_layers(condition))
-        leaky = heatmap(condition, family(), False)
-        isolated = heatmap(condition, family(cut=cut), False)
-        crp_reference = heatmap(condition, family(), True) if reference else None
+    for index, (condition, cut) in enumerate(zip(conditions, cuts_for(model, conditions))):
+        crp_reference = references[index]
         rows.append({
-            'condition': dict(condition),
+            'condition': condition,
             'cut': cut,
-            'leaky': leaky,
-            'isolated': isolated,
+            'leaky': leaky[index],
+            'isolated': isolated[index],
             'reference': crp_reference,
-            'deviation': relative_deviation(isolated, crp_reference) if reference else None,
-            'leaked_share': leaked_share(leaky, isolated),
+            'deviation': relative_deviation(isolated[index], crp_reference) if reference else None,
+            'leaked_share': leaked_share(leaky[index], isolated[index]),
         })
     return rows

@@ -246,7 +246,9 @@ def test_explain_top_k_on_torchvision_checkpoint(files, tmp_path):
     for row in rows:
         condition = {LAYER: [int(row['concept'])], 'y': [3]}
         isolated = crp_heatmap(model, data, condition, composite, True)
-        assert float(row['isolated_sum']) == pytest.approx(isolated.sum().item(), rel=1e-4, abs=1e-6)
+        # float32 rounding of a sum with cancellation, the concepts of an image being computed as one batch
+        mass = isolated.abs().sum().item()
+        assert float(row['isolated_sum']) == pytest.approx(isolated.sum().item(), abs=1e-4 * mass)
     assert all(row['target'] == '3' and row['reference_sum'] == '' for row in rows)
     assert all(row['composite'] == 'epsilon_gamma_box' for row in rows)
 

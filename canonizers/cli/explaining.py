@@ -184,11 +184,12 @@ def explain_image(job: Job, path: Path, rgb: torch.Tensor, bar) -> List[Dict[str
     concepts = job.concepts or top_concepts(relevances, job.top, path, job.layer)
 
     rows, panels = [], []
-    for concept in concepts:
-        bar.set_postfix_str(f'{path.name} concept {concept}')
-        condition = {job.layer: [concept], MODEL_OUTPUT: [prediction.target]}
-        result = compare_heatmaps(loaded.model, prediction.data, [condition], job.family, job.composite,
-                                  job.reference)[0]
+    bar.set_postfix_str(f'{path.name}, {len(concepts)} concept(s)')
+    conditions = [{job.layer: [concept], MODEL_OUTPUT: [prediction.target]} for concept in concepts]
+    # all concepts of the image together: one pass for the leaky heatmaps, one for the isolated ones
+    results = compare_heatmaps(loaded.model, prediction.data, conditions, job.family, job.composite,
+                               job.reference) if conditions else []
+    for concept, result in zip(concepts, results):
         result = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in result.items()}
         relevance = relevances[concept].item()
         panels.append(ConceptPanels(concept, relevance, result['leaky'], result['isolated'], result['leaked_share']))
