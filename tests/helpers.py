@@ -17,16 +17,26 @@ HOOK_DICTS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backw
 
 
 @functools.cache
-def _built(name, seed, bias_free, num_classes):
+def _built(name, seed, bias_free, num_classes, weight=(0.5, 1.5)):
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(num_classes=num_classes)
     # parameter gradients are never needed here and cost time
-    return randomize_batch_norms(model, seed, bias_free).requires_grad_(False)
+    return randomize_batch_norms(model, seed, bias_free, weight=weight).requires_grad_(False)
 
 
-def make_model(name, seed=0, bias_free=False, dtype=torch.float32, num_classes=10):
-    '''A fresh torchvision model with random weights and randomised batch norms, in eval mode.'''
-    return copy.deepcopy(_built(name, seed, bias_free, num_classes)).to(dtype)
+def make_model(name, seed=0, bias_free=False, dtype=torch.float32, num_classes=10, weight=(0.5, 1.5)):
+    '''A fresh torchvision model with random weights and randomised batch norms, in eval mode; ``weight`` is the range
+    of the batch-norm weights (larger ones keep the activations of deep random networks alive).'''
+    return copy.deepcopy(_built(name, seed, bias_free, num_classes, weight)).to(dtype)
+
+
+def attribute(model, data, composite, target=3):
+    '''The relevance of the input for the logit of ``target``, under ``composite``.'''
+    from zennit.attribution import Gradient
+
+    with Gradient(model, composite) as attributor:
+        _, relevance = attributor(data, lambda output: output_relevance(output, target))
+    return relevance
 
 
 def make_input(batch=1, size=64, dtype=torch.float32, seed=1, requires_grad=True):
