@@ -26,6 +26,7 @@ from timing import interleaved, median, table  # noqa: E402
 
 from canonizers import ResNetCanonizer  # noqa: E402
 from canonizers.crp import IsolatingCondAttribution  # noqa: E402
+from canonizers.evaluation import randomize_batch_norms  # noqa: E402
 
 LAYERS = [
     'layer1.0.conv2',
@@ -42,13 +43,8 @@ TARGET = 3
 
 def make_model(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torchvision.models.resnet50()
-    # fresh batch norms are the identity: give them statistics, as a trained model has
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-.5, .5)
-            module.running_var.uniform_(.5, 2.)
-    return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    # fresh batch norms are the identity: statistics and affine parameters as a trained model has them
+    return randomize_batch_norms(torchvision.models.resnet50()).requires_grad_(False).to(device=device, dtype=dtype)
 
 
 def relevant_conditions(model: torch.nn.Module, data: torch.Tensor) -> list:

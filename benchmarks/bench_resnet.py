@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from timing import interleaved, median, table  # noqa: E402
 
 from canonizers import ResNetCanonizer  # noqa: E402
+from canonizers.evaluation import randomize_batch_norms  # noqa: E402
 
 CUT = ['layer1.0', 'layer2.*', 'layer3.2', 'layer4.0']
 VARIANTS = {
@@ -32,12 +33,8 @@ VARIANTS = {
 
 def make_model(device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torchvision.models.resnet50()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-.5, .5)
-            module.running_var.uniform_(.5, 2.)
-    return model.eval().requires_grad_(False).to(device)
+    # fresh batch norms are the identity: statistics and affine parameters as a trained model has them
+    return randomize_batch_norms(torchvision.models.resnet50()).requires_grad_(False).to(device)
 
 
 def attribute(model, data, variant):

@@ -81,3 +81,67 @@ def test_a_branch_the_block_does_not_have_is_refused_naming_its_branches():
         ThreeWayFamily(cut={'0': 'd'}).apply(make())
     with pytest.raises(TypeError, match='branches in a cut must be strings'):
         ThreeWayFamily(cut={'0': 3})
+
+
+class TwoSums(torch.nn.Module):
+    '''A block with two residual sums in a row, as a transformer block has (attention, then MLP).'''
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        x = x + self.first(x)
+        return x + self.second(x)
+
+
+def two_sums_forward(self, x):
+    x = self.canonizer_first(torch.stack([x, self.first(x)], dim=-1))
+    return self.canonizer_second(torch.stack([x, self.second(x)], dim=-1))
+
+
+class TwoSumsCanonizer(BlockCanonizer):
+    '''Each sum named by its module and summand: ``first.skip``, ``first.residual``, ``second.skip``, ...'''
+    block_types = (TwoSums,)
+    SUMMANDS = {'first': ('first.skip', 'first.residual'), 'second': ('second.skip', 'second.residual')}
+
+    def branches(self, name, module):
+        return self.SUMMANDS['first'] + self.SUMMANDS['second']
+
+    def branch_of(self, name, module, layer):
+        return f'{layer.split(".")[0]}.residual'
+
+    def isolating_cut(self, name, module, layer):
+        # relevance reaches a layer in one sum's residual through that sum alone: cut its skip
+        return (f'{layer.split(".")[0]}.skip',)
+
+    def rewrite(self, patch, module):
+        patch.set_attribute(module, 'forward', two_sums_forward.__get__(module))
+        patch.set_attribute(module, 'canonizer_first', MaskedSum(dim=-1))
+        patch.set_attribute(module, 'canonizer_second', MaskedSum(dim=-1))
+
+    def update(self, cut):
+        for sum_name, summands in self.SUMMANDS.items():
+            masked_sum = getattr(self.module, f'canonizer_{sum_name}')
+            masked_sum.mask = cut.mask([[(self.name, branch)] for branch in summands])
+
+
+class TwoSumsFamily(FamilyCanonizer):
+    parts = (TwoSumsCanonizer,)
+
+
+def test_two_sums_in_one_block_are_named_and_cut_each():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(TwoSums()).eval()
+    data = torch.randn(2, 3, 5, 5, requires_grad=True)
+    assert TwoSumsFamily().layer_cuts(model, ['0.second']) == {'0': 'second.skip'}
+    block = model[0]
+    # the oracle: relevance of the output through the second sum's residual only
+    hidden = data + block.first(data)
+    expected, = torch.autograd.grad((hidden.detach() + block.second(hidden)).sum(), data)
+    instances = TwoSumsFamily(cut={'0': 'second.skip'}).apply(model)
+    gradient, = torch.autograd.grad(model(data).sum(), data)
+    for instance in instances:
+        instance.remove()
+    assert torch.allclose(gradient, expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"use 'first\.skip' or 'first\.residual' or 'second\.skip'"):
+        TwoSumsFamily(cut={'0': 'third.skip'}).apply(model)

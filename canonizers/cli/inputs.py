@@ -166,14 +166,18 @@ def parse_target(text: Optional[str], loaded: LoadedModel, classes: int) -> Opti
 
 
 def pick_family(loaded: LoadedModel, layer: Optional[str] = None) -> type:
-    '''The family canonizer class for the model: the one whose blocks hold ``layer``, else the first that fits.'''
+    '''The family canonizer class for the model: the one that fits it, or of several the one whose blocks hold
+    ``layer``; never the first of several by chance.'''
     families = families_for(loaded.model)
     if not families:
         raise UsageError(unsupported(loaded.name, loaded.model))
-    for candidate in families:
-        if layer and any(layer.startswith(block + '.') for block in candidate.blocks(loaded.model)):
-            return type(candidate)
-    return type(families[0])
+    holding = [candidate for candidate in families
+               if layer and any(layer.startswith(block + '.') for block in candidate.blocks(loaded.model))]
+    if len(families) == 1 or len(holding) == 1:
+        return type((holding or families)[0])
+    names = ', '.join(type(candidate).__name__ for candidate in (holding or families))
+    raise UsageError(f'model {loaded.name!r} fits several family canonizers ({names}) and layer {layer!r} does not '
+                     'tell which: not supported (yet)')
 
 
 def composite_factory(name: str, loaded: LoadedModel) -> Callable[..., object]:
