@@ -523,3 +523,26 @@ except ImportError as error:
     environment = {**os.environ, 'OMP_NUM_THREADS': '1'}
     output = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, env=environment)
     assert 'pip install zennit-canonizers[crp]' in output.stdout
+
+
+class OwnResidualBlock(torch.nn.Module):
+    '''A user's own ResNet-like block (``out = out + identity``), which no canonizer of this package rewrites.'''
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+def test_family_canonizer_on_a_model_it_does_not_fit_never_gives_the_leaky_heatmap():
+    model = torch.nn.Sequential(OwnResidualBlock(), OwnResidualBlock(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(3, 5)).eval()
+    attribution = IsolatingCondAttribution(model, no_param_grad=False)
+    # refused before anything is applied
+    with pytest.raises(ValueError, match=r"relevance can go around '1\.conv' through 1 sum of parallel paths "
+                                         r"\(in '1'\).*not supported \(yet\)"):
+        attribution(make_input(size=8), [{'1.conv': [0], 'y': [1]}], EpsilonPlusFlat(canonizers=[ResNetCanonizer()]))
+    with pytest.raises(ValueError, match='not supported'):
+        cuts_for(model, [{'1.conv': [0]}])
