@@ -97,3 +97,23 @@ def test_family_that_rewrites_no_block_warns_with_what_fits(canonizer, name, mes
     for instance in instances:
         instance.remove()
     assert_untouched(model, before)
+
+
+def test_sdist_holds_what_its_tests_and_readme_need(tmp_path):
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    build = ('import sys; from setuptools import build_meta; '
+             'print(build_meta.build_sdist(sys.argv[1]))')
+    name = subprocess.run([sys.executable, '-c', build, str(tmp_path)], cwd=root, check=True, capture_output=True,
+                          text=True).stdout.strip().splitlines()[-1]
+    with tarfile.open(tmp_path / name) as archive:
+        members = {member.split('/', 1)[1] for member in archive.getnames() if '/' in member}
+        info = archive.extractfile(f'{name[:-len(".tar.gz")]}/PKG-INFO').read().decode()
+    for path in ('tests/helpers.py', 'tests/conftest.py', 'tests/test_contract.py', 'docs/demo.png', 'LICENSE',
+                 'COPYING', 'canonizers/py.typed', 'canonizers/demo/weights.pt', 'Makefile'):
+        assert path in members, path
+    assert 'License-Expression: LGPL-3.0-or-later' in info
