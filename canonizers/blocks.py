@@ -66,17 +66,6 @@ class BlockCanonizer(ForwardRewrite):
     def refusal(self, name: str, module: torch.nn.Module) -> Optional[str]:
         return f'block {name!r} ({type(module).__name__}) has no parallel path that could be cut'
 
-    def catalog_of(self, root_module: torch.nn.Module) -> BlockCatalog:
-        '''The cuttable blocks of ``root_module``, against which cuts are resolved.'''
-        cuttable, refusals = {}, {}
-        for name, module in self.blocks(root_module).items():
-            branches = self.branches(name, module)
-            if branches:
-                cuttable[name] = branches
-            elif self.refusal(name, module) is not None:
-                refusals[name] = self.refusal(name, module)
-        return BlockCatalog(cuttable, [name for name, _ in root_module.named_modules()], refusals)
-
     def check(self, root_module: torch.nn.Module, catalog: Optional[BlockCatalog] = None) -> Checked:
         '''Validate that this canonizer can be applied, without changing anything.
 

@@ -43,7 +43,7 @@ from .blocks import BlockCanonizer
 from .cuts import PerSampleCut
 from .family import FamilyCanonizer
 from .registry import FAMILIES, families_for
-from .tracing import ParallelPaths, TracingError, describe, parallel_paths
+from .tracing import ParallelPaths, TracingError, describe, parallel_paths, traced_merges
 
 #: CRP's name of the model output in conditions (``CondAttribution.MODEL_OUTPUT_NAME``)
 MODEL_OUTPUT_NAME = 'y'
@@ -104,21 +104,24 @@ class _LayerCuts:
                     f'package covers for {model}: not supported (yet), no cut isolates it; '
                     "crp's CondAttribution(exclude_parallel=True) isolates conditions on any model")
 
+    def cut_of(self, layers: Sequence[str]) -> Dict[str, str]:
+        '''The cut for one set of conditioned layers (computed once per set).'''
+        key = frozenset(layers)
+        if key not in self.cache:
+            union: Dict[str, str] = {}
+            for source in self.sources:
+                union.update(source.layer_cuts(self.model, layers))
+            self.check_bypasses(layers)
+            self.cache[key] = union
+        return dict(self.cache[key])
+
     def __call__(self, conditions: Sequence[Condition], output_name: str) -> List[Dict[str, str]]:
         cuts = []
         for index, condition in enumerate(conditions):
-            layers = [name for name in condition if name != output_name]
-            key = frozenset(layers)
-            if key not in self.cache:
-                try:
-                    union: Dict[str, str] = {}
-                    for source in self.sources:
-                        union.update(source.layer_cuts(self.model, layers))
-                    self.check_bypasses(layers)
-                except ValueError as error:
-                    raise ValueError(f'condition {index} {dict(condition)!r}: {error}') from error
-                self.cache[key] = union
-            cuts.append(dict(self.cache[key]))
+            try:
+                cuts.append(self.cut_of([name for name in condition if name != output_name]))
+            except ValueError as error:
+                raise ValueError(f'condition {index} {dict(condition)!r}: {error}') from error
         return cuts
 
 
@@ -163,6 +166,12 @@ def cuts_for(
     return _LayerCuts(model)(conditions, output_name)
 
 
+def layer_cut(model: torch.nn.Module, layers: Sequence[str]) -> Dict[str, str]:
+    '''The cut that isolates a condition on ``layers``, as :py:func:`cuts_for` gives it for one condition; errors name
+    the layers without the condition around them.'''
+    return _LayerCuts(model).cut_of(list(layers))
+
+
 def _broadcast_conditions(samples: int, conditions: Sequence[Condition]) -> List[Condition]:
     '''The condition of every sample of the batch that ``CondAttribution.broadcast`` builds: each data sample with
     every condition, or the data and conditions pairwise if they are equally many.'''
@@ -202,10 +211,9 @@ def _suggestion(model: torch.nn.Module) -> str:
                 f'e.g. EpsilonPlusFlat(canonizers=[{fitting[0]}()])')
     known = ', '.join(_public_name(cls) for cls in FAMILIES.values()) or '(none)'
     model_name = type(model).__name__
-    try:
-        merges = list(parallel_paths(model).merges.values())
-    except TracingError as error:
-        return (f'and none of the family canonizers ({known}) rewrites blocks of {model_name}, and {error}: whether '
+    merges = traced_merges(model)
+    if isinstance(merges, TracingError):
+        return (f'and none of the family canonizers ({known}) rewrites blocks of {model_name}, and {merges}: whether '
                 "it has parallel paths is unknown; crp's CondAttribution(exclude_parallel=True) isolates conditions "
                 'on any model')
     if merges:

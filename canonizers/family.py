@@ -70,13 +70,8 @@ class FamilyCanonizer(CompositeCanonizer):
 
     def catalog_of(self, root_module: torch.nn.Module) -> BlockCatalog:
         '''The cuttable blocks of ``root_module`` over all parts.'''
-        catalogs = [part.catalog_of(root_module) for part in self._block_canonizers]
+        catalogs = [part.catalog_of(root_module) for part in self._rewrites]
         cuttable, refusals = {}, {}
-        for part in self._rewrites:
-            if not isinstance(part, BlockCanonizer):
-                for name, module in part.blocks(root_module).items():
-                    if part.refusal(name, module) is not None:
-                        refusals[name] = part.refusal(name, module)
         for catalog in catalogs:
             cuttable.update(catalog.blocks)
             refusals.update(catalog.refusals)
@@ -135,20 +130,20 @@ class FamilyCanonizer(CompositeCanonizer):
         '''Why this family does not fit ``root_module``, and what would.'''
         # imported here: the registry and the tracer import the families, which import this module
         from .registry import families_for
-        from .tracing import TracingError, describe, parallel_paths
+        from .tracing import TracingError, describe, traced_merges
 
         model = type(root_module).__name__
         fitting = [type(family).__name__ for family in families_for(root_module)]
+        merges = None if fitting else traced_merges(root_module)
         if fitting:
             hint = f'{" or ".join(fitting)} fits this model'
+        elif isinstance(merges, TracingError):
+            hint = f'whether {model} has parallel paths is unknown: {merges}'
+        elif merges:
+            hint = f'{model} has {describe(merges)}, which no canonizer of this package covers: not supported (yet)'
         else:
-            try:
-                merges = parallel_paths(root_module).merges.values()
-                hint = (f'{model} has {describe(list(merges))}, which no canonizer of this package covers: not '
-                        'supported (yet)' if merges else f'{model} has no parallel paths (traced with torch.fx); '
-                        'canonizers.ExactMergeBatchNorm merges batch norms alone')
-            except TracingError as error:
-                hint = f'whether {model} has parallel paths is unknown: {error}'
+            hint = (f'{model} has no parallel paths (traced with torch.fx); canonizers.ExactMergeBatchNorm merges '
+                    'batch norms alone')
         return (f'{type(self).__name__} rewrites no block of {model}: it only merges batch norms, and no path can '
                 f'be cut; {hint}')
 
@@ -192,7 +187,7 @@ class FamilyCanonizer(CompositeCanonizer):
         cuttable = {}
         for part in self._rewrites:
             for name, module in part.blocks(root_module).items():
-                if isinstance(part, BlockCanonizer) and part.branches(name, module):
+                if part.branches(name, module):
                     cuttable[name] = (part, module)
                 for layer in layers:
                     refusal = layer.startswith(name + '.') and part.layer_refusal(name, module, layer[len(name) + 1:])

@@ -52,10 +52,26 @@ class ForwardRewrite(Canonizer):
         '''The modules of ``root_module`` whose forward this canonizer rewrites, by name.'''
         return {name: module for name, module in root_module.named_modules() if self.rewrites(name, module)}
 
+    def branches(self, name: str, module: torch.nn.Module) -> Tuple[str, ...]:
+        '''The branches of a rewritten module that can be cut: none, unless the canonizer has cuts.'''
+        return ()
+
     def refusal(self, name: str, module: torch.nn.Module) -> Optional[str]:
         '''Why a rewritten module cannot be named in a cut; None to treat its name as that of any layer (inside its
         enclosing block, if any).'''
         return None
+
+    def catalog_of(self, root_module: torch.nn.Module) -> BlockCatalog:
+        '''The cuttable blocks of ``root_module`` among the rewritten ones, and the refusals of the others, against
+        which cuts are resolved.'''
+        cuttable, refusals = {}, {}
+        for name, module in self.blocks(root_module).items():
+            branches = self.branches(name, module)
+            if branches:
+                cuttable[name] = branches
+            elif self.refusal(name, module) is not None:
+                refusals[name] = self.refusal(name, module)
+        return BlockCatalog(cuttable, [name for name, _ in root_module.named_modules()], refusals)
 
     def layer_refusal(self, name: str, module: torch.nn.Module, layer: str) -> Optional[str]:
         '''Why a CRP condition may not name ``layer`` (a name relative to block ``name``), or None if it may.'''

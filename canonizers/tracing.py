@@ -6,7 +6,7 @@ the package say "not supported" for a model or layer instead of "nothing to isol
 '''
 import operator
 import weakref
-from typing import Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, List, NamedTuple, Set, Tuple, Union
 
 import torch
 import torch.fx
@@ -177,9 +177,10 @@ def describe(merges: List[Merge], limit: int = 3) -> str:
     return f'{counts} of parallel paths (in {", ".join(places[:limit])}{more})'
 
 
-def optional_paths(model: torch.nn.Module) -> Optional[ParallelPaths]:
-    ''':py:func:`parallel_paths`, or None if the model cannot be traced.'''
+def traced_merges(model: torch.nn.Module) -> Union[List[Merge], TracingError]:
+    '''The merges of parallel paths of ``model``, in the order of the forward pass, or the error if it cannot be
+    traced: what messages about a model no canonizer fits are built from.'''
     try:
-        return parallel_paths(model)
-    except TracingError:
-        return None
+        return list(parallel_paths(model).merges.values())
+    except TracingError as error:
+        return error

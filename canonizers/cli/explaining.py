@@ -65,7 +65,7 @@ def prepare(args: argparse.Namespace) -> Job:
     images = [(Path(path), read_image(Path(path), loaded.size)) for path in args.image]
     check_layer(loaded.model, args.layer)
     family = pick_family(loaded, args.layer)
-    check_condition_layer(loaded, family, args.layer)
+    check_condition_layer(loaded, args.layer)
     channels, classes = probe(loaded, args.layer, normalize(images[0][1], loaded), family)
     if args.concepts is not None:
         check_concepts(args.concepts, channels, args.layer)
@@ -324,7 +324,7 @@ def check_demo_layer(layer: str) -> None:
     loaded = load_model(DEMO, None, None, torch.device('cpu'))
     check_layer(loaded.model, layer)
     family = pick_family(loaded, layer)
-    check_condition_layer(loaded, family, layer)
+    check_condition_layer(loaded, layer)
     data = torch.zeros(1, 3, loaded.size, loaded.size)
     probe(loaded, layer, data, family)
 

@@ -124,16 +124,15 @@ def probe(loaded: LoadedModel, layer: str, data: torch.Tensor, family: type) -> 
     return int(output.shape[1]), int(logits.shape[1])
 
 
-def check_condition_layer(loaded: LoadedModel, family: type, layer: str) -> None:
+def check_condition_layer(loaded: LoadedModel, layer: str) -> None:
     '''Raise a :py:class:`UsageError` if a CRP condition may not name ``layer`` (e.g. a ReLU used inside a branch and
     after its sum, a gate layer, a layer relevance can go around outside every canonizer's blocks).'''
-    from ..crp import cuts_for
+    from ..crp import layer_cut
 
     try:
-        family().layer_cuts(loaded.model, [layer])
-        cuts_for(loaded.model, [{layer: [0]}])
+        layer_cut(loaded.model, [layer])
     except ValueError as error:
-        raise UsageError(str(error).replace("condition 0 {'" + layer + "': [0]}: ", '')) from None
+        raise UsageError(str(error)) from None
 
 
 #: the smallest input size: classification networks reduce their input up to 32-fold

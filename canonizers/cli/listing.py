@@ -8,6 +8,7 @@ import torch
 
 from ..family import FamilyCanonizer
 from ..registry import families_for
+from ..tracing import traced_merges
 from .common import UsageError
 from .models import build_architecture, check_model_name, unsupported
 
@@ -78,10 +79,10 @@ def command_blocks(args: argparse.Namespace) -> int:
     model = build_architecture(args.model)
     families = families_for(model)
     if not families:
-        message = unsupported(args.model, model)
-        if 'not supported' in message:
-            raise UsageError(message)
-        print(message)
+        if traced_merges(model):
+            # parallel paths no canonizer covers, or a model that cannot be traced (an error is truthy): not supported
+            raise UsageError(unsupported(args.model, model))
+        print(unsupported(args.model, model))
         return 0
     width = shutil.get_terminal_size((120, 24)).columns
     print(f'{args.model}: {", ".join(type(family).__name__ for family in families)}')

@@ -267,13 +267,12 @@ def _imagenet_categories(name: str, model: torch.nn.Module) -> Optional[Sequence
 def unsupported(name: str, model: torch.nn.Module) -> str:
     '''What to say of a model no family canonizer fits: not supported where it has parallel paths, never that it
     needs no isolation unless tracing showed it has none.'''
-    from ..tracing import TracingError, describe, parallel_paths
+    from ..tracing import TracingError, describe, traced_merges
 
-    try:
-        merges = list(parallel_paths(model).merges.values())
-    except TracingError as error:
+    merges = traced_merges(model)
+    if isinstance(merges, TracingError):
         return (f'model {name!r} is not supported (yet): no canonizer of this package rewrites its blocks, and '
-                f'{error}, so whether relevance bypasses its layers is unknown')
+                f'{merges}, so whether relevance bypasses its layers is unknown')
     if merges:
         return (f'model {name!r} is not supported (yet): it has {describe(merges)}, which no canonizer of this package '
                 "covers; crp's CondAttribution(exclude_parallel=True) isolates conditions on any model")
