@@ -6,8 +6,6 @@ Peak memory is the resident-set peak of one attribution in a fresh process (medi
 blocks at once so that it follows the live tensors.
 '''
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from zennit.composites import EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer as ZennitResNetCanonizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import interleaved, median, table  # noqa: E402
+from timing import fresh_process_peak, interleaved, median, peak_of, table  # noqa: E402
 
 from canonizers import ResNetCanonizer  # noqa: E402
 from canonizers.evaluation import randomize_batch_norms  # noqa: E402
@@ -50,12 +48,8 @@ def apply_remove(model, variant):
 
 def peak_memory(variant: str, args) -> float:
     '''Peak memory in MiB added by one attribution, measured in a fresh process so that earlier runs do not count.'''
-    command = [sys.executable, __file__, '--peak-of', variant, '--device', args.device, '--size', str(args.size),
-               '--batch', str(args.batch)]
-    # glibc serves large blocks by mmap and returns freed memory at once: the resident set then follows the live
-    # tensors to within a fraction of a MiB, instead of varying by a few percent with the heap's fragmentation
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
-    return float(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout.strip())
+    return fresh_process_peak([sys.executable, __file__, '--peak-of', variant, '--device', args.device,
+                               '--size', str(args.size), '--batch', str(args.batch)])
 
 
 def peak_memories(args, rounds: int = 3) -> dict:
@@ -67,29 +61,11 @@ def peak_memories(args, rounds: int = 3) -> dict:
     return {variant: median(values) for variant, values in peaks.items()}
 
 
-def resident_kib(field: str) -> int:
-    '''A memory figure of this process from /proc/self/status, in KiB.'''
-    for line in Path('/proc/self/status').read_text().splitlines():
-        if line.startswith(field + ':'):
-            return int(line.split()[1])
-    raise RuntimeError(f'{field} not in /proc/self/status')
-
-
 def measure_peak(args) -> None:
     device = torch.device(args.device)
     model = make_model(device)
     data = torch.randn(args.batch, 3, args.size, args.size, device=device, requires_grad=True)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        attribute(model, data, args.peak_of)
-        print((torch.cuda.max_memory_allocated(device) - base) / 2 ** 20)
-    else:
-        # ru_maxrss may carry the parent's peak over the fork: reset the kernel's high-water mark instead
-        Path('/proc/self/clear_refs').write_text('5')
-        base = resident_kib('VmRSS')
-        attribute(model, data, args.peak_of)
-        print((resident_kib('VmHWM') - base) / 2 ** 10)
+    print(peak_of(lambda: attribute(model, data, args.peak_of), device))
 
 
 def main() -> None:

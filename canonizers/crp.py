@@ -1,13 +1,17 @@
-'''Isolated CRP conditional heatmaps for any mix of conditions, in one forward and one backward pass per batch.
+'''Isolated CRP conditional heatmaps for any mix of conditions, from one forward pass.
 
 CRP's ``CondAttribution(exclude_parallel=True)`` isolates a condition by a partial backward pass, which needs the same
 layer names in all conditions of a batch: it runs one forward and backward pass per group of conditions with the same
 layers, refuses mixed layers in ``generate``, and returns the heatmaps grouped rather than in condition order.
 
-Here every condition is turned into the cuts that make all relevance reaching the input pass through each of its
-layers (:py:func:`cuts_for`), and :py:class:`IsolatingCondAttribution` sets them per sample
-(:py:class:`~canonizers.PerSampleCut`) on the canonizer of this package in the composite, so that one batch holds any
-mix of conditions.
+:py:class:`IsolatingCondAttribution` gives the same heatmaps in condition order for any mix of conditions, from one
+forward pass per distinct input sample: the backward pass from the output down to the conditioned layers is shared by
+the conditions, and only the part below each condition's layers is computed per condition
+(:py:mod:`canonizers.partial_backward`). It works with any composite and any model CRP works with.
+
+:py:func:`cuts_for` turns conditions into the cuts of this package's canonizers that isolate them the other way: all
+relevance reaching the input passes through each conditioned layer, in one ordinary backward pass (for attributors
+other than CRP, and as an independent check of the partial backward passes).
 
 Needs ``zennit-crp`` (``pip install zennit-canonizers[crp]``); ``import canonizers`` works without it.
 
@@ -24,10 +28,10 @@ Examples
 import contextlib
 import math
 import warnings
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
-from zennit.canonizers import CompositeCanonizer
+from zennit.core import Composite
 
 try:
     from crp.attribution import CondAttribution, attrResult
@@ -40,10 +44,11 @@ except ImportError as error:
     ) from error
 
 from .blocks import BlockCanonizer
-from .cuts import PerSampleCut
 from .family import FamilyCanonizer
-from .registry import FAMILIES, families_for
-from .tracing import ParallelPaths, TracingError, describe, parallel_paths, traced_merges
+from .partial_backward import Condition as EngineCondition
+from .partial_backward import Mask, PartialBackward, Recorder
+from .registry import families_for
+from .tracing import ParallelPaths, TracingError, describe, parallel_paths
 
 #: CRP's name of the model output in conditions (``CondAttribution.MODEL_OUTPUT_NAME``)
 MODEL_OUTPUT_NAME = 'y'
@@ -172,117 +177,6 @@ def layer_cut(model: torch.nn.Module, layers: Sequence[str]) -> Dict[str, str]:
     return _LayerCuts(model).cut_of(list(layers))
 
 
-def _broadcast_conditions(samples: int, conditions: Sequence[Condition]) -> List[Condition]:
-    '''The condition of every sample of the batch that ``CondAttribution.broadcast`` builds: each data sample with
-    every condition, or the data and conditions pairwise if they are equally many.'''
-    conditions = list(conditions)
-    if samples == len(conditions) or samples == 1:
-        return conditions
-    return conditions * samples
-
-
-def _package_canonizers(composite: object) -> List[PackageCanonizer]:
-    '''The canonizers of this package in ``composite``, also inside zennit's composite canonizers.'''
-    found: List[PackageCanonizer] = []
-
-    def visit(canonizers: Iterable[object]) -> None:
-        for canonizer in canonizers:
-            if isinstance(canonizer, (FamilyCanonizer, BlockCanonizer)):
-                found.append(canonizer)
-            elif isinstance(canonizer, CompositeCanonizer):
-                visit(canonizer.canonizers)
-
-    visit(getattr(composite, 'canonizers', None) or [])
-    return found
-
-
-def _public_name(cls: type) -> str:
-    import canonizers
-
-    if getattr(canonizers, cls.__name__, None) is cls:
-        return f'canonizers.{cls.__name__}'
-    return f'{cls.__module__}.{cls.__name__}'
-
-
-def _suggestion(model: torch.nn.Module) -> str:
-    fitting = [_public_name(type(instance)) for instance in families_for(model)]
-    if fitting:
-        return (f'pass a composite whose canonizers include one that does, for this model {" or ".join(fitting)}, '
-                f'e.g. EpsilonPlusFlat(canonizers=[{fitting[0]}()])')
-    known = ', '.join(_public_name(cls) for cls in FAMILIES.values()) or '(none)'
-    model_name = type(model).__name__
-    merges = traced_merges(model)
-    if isinstance(merges, TracingError):
-        return (f'and none of the family canonizers ({known}) rewrites blocks of {model_name}, and {merges}: whether '
-                "it has parallel paths is unknown; crp's CondAttribution(exclude_parallel=True) isolates conditions "
-                'on any model')
-    if merges:
-        return (f'and none of the family canonizers ({known}) rewrites blocks of {model_name}, which has '
-                f"{describe(merges)}: not supported (yet); crp's CondAttribution(exclude_parallel=True) isolates "
-                'conditions on any model')
-    return (f'and none of the family canonizers ({known}) rewrites blocks of {model_name}, which has no parallel paths '
-            "(traced with torch.fx): its conditional heatmaps need no isolation, crp's CondAttribution gives them")
-
-
-class _Plan:
-    '''The canonizers of this package in a composite, and how to split the per-sample cuts of a batch among them.
-
-    Everything is validated here, before any canonizer, hook or model changes.
-    '''
-    def __init__(self, model: torch.nn.Module, composite: object) -> None:
-        self.canonizers = _package_canonizers(composite)
-        if not self.canonizers:
-            where = 'no composite was given' if composite is None else 'its composite holds none'
-            raise ValueError(
-                'IsolatingCondAttribution isolates conditions by cutting paths with a canonizer of zennit-canonizers, '
-                f'but {where}; {_suggestion(model)}'
-            )
-        self.model = model
-        self.owners: Dict[str, PackageCanonizer] = {}
-        for canonizer in self.canonizers:
-            for block in canonizer.catalog_of(model).blocks:
-                self.owners.setdefault(block, canonizer)
-        # the families that fit the model too, so that a block no canonizer in the composite rewrites is refused,
-        # not left uncut
-        self.layer_cuts = _LayerCuts(model, self.canonizers)
-
-    def cuts(self, conditions: Sequence[Condition], output_name: str) -> List[Dict[str, str]]:
-        '''The cuts of each condition, checked to be made by a canonizer of the composite.'''
-        cuts = self.layer_cuts(conditions, output_name)
-        for index, cut in enumerate(cuts):
-            missing = [block for block in cut if block not in self.owners]
-            if missing:
-                raise ValueError(
-                    f'condition {index} {dict(conditions[index])!r} needs the {cut[missing[0]]!r} branch of block '
-                    f'{missing[0]!r} cut, but no canonizer in the composite rewrites that block; '
-                    f'{_suggestion(self.model)}'
-                )
-        return cuts
-
-    @contextlib.contextmanager
-    def cutting(self, cuts: Sequence[Dict[str, str]]) -> Iterator[None]:
-        '''Set one cut per sample on the canonizers, each the part of the blocks it rewrites; restore their previous
-        cuts on leaving, also on error.'''
-        previous = [canonizer.cut for canonizer in self.canonizers]
-        for canonizer, cut in zip(self.canonizers, previous):
-            if cut:
-                warnings.warn(
-                    f'the cut {cut!r} of {type(canonizer).__name__} in the composite is replaced by the cuts that '
-                    'isolate the conditions while IsolatingCondAttribution runs, and restored afterwards',
-                    stacklevel=4,
-                )
-        try:
-            for canonizer in self.canonizers:
-                canonizer.cut = PerSampleCut([
-                    {block: branch for block, branch in cut.items() if self.owners[block] is canonizer}
-                    for cut in cuts
-                ])
-            yield
-        finally:
-            for canonizer, cut in zip(self.canonizers, previous):
-                canonizer.cut = cut
-
-
 def _checked_channel_mask(batch_id: int, concept_ids: Sequence[int], layer_name: Optional[str] = None) -> Callable:
     '''CRP's ``ChannelConcept.mask``, refusing concept ids that are no channel of the layer with a ``ValueError``
     that names them (CRP's own mask fails with an ``IndexError`` deep in the backward pass).'''
@@ -305,22 +199,34 @@ def _checked_masks(mask_map: Union[Callable, Dict[str, Callable]]) -> Union[Call
     return _checked_channel_mask if mask_map == ChannelConcept.mask else mask_map
 
 
-class IsolatingCondAttribution(CondAttribution):
-    '''CRP's ``CondAttribution`` whose conditional heatmaps are isolated: all relevance reaching the input passed
-    through every conditioned layer, as with ``exclude_parallel=True``, but for any mix of conditions in one forward
-    and one backward pass per batch, returned in condition order.
+class _Gradient(NamedTuple):
+    '''What ``CondAttribution.heatmap_modifier`` reads of the input: its gradient (so that a subclass's modifier
+    applies to the isolated heatmaps too).'''
+    grad: torch.Tensor
 
-    Each condition is isolated by cutting the parallel paths around its layers (:py:func:`cuts_for`), one cut per
-    sample of the batch (:py:class:`~canonizers.PerSampleCut`), on the canonizer of this package in the composite
-    (a :py:class:`~canonizers.family.FamilyCanonizer` such as :py:class:`~canonizers.ResNetCanonizer`, or a
-    :py:class:`~canonizers.blocks.BlockCanonizer`). The canonizer's own cut is replaced during a call (with a warning
-    if it had one) and restored afterwards, also on error.
+
+def _mask_of(mask_map: Union[Callable, Dict[str, Callable]], layer: str, concept_ids: Sequence[int]) -> Mask:
+    '''The engine's mask of a condition on ``layer``: CRP's ``mask_map`` with all but the batch row bound.'''
+    make = mask_map if callable(mask_map) else mask_map[layer]
+    return lambda batch_id: make(batch_id, concept_ids, layer)
+
+
+class IsolatingCondAttribution(CondAttribution):
+    '''CRP's ``CondAttribution`` whose conditional heatmaps are isolated as with ``exclude_parallel=True`` (all
+    relevance reaching the input passed through every conditioned layer), for any mix of conditions, in condition
+    order, at the cost floor: one forward pass per distinct input sample, one backward pass from the output down to
+    the conditioned layers shared by the conditions (per distinct initial relevance), and per condition only the
+    backward pass below its layers (:py:mod:`canonizers.partial_backward`).
+
+    Isolation needs no canonizer of this package: a backward pass that starts at a layer's output never propagates
+    the relevance that goes around the layer. So any composite and any model CRP handles works (GoogLeNet, timm
+    models, ...); the canonizers' cuts (:py:func:`cuts_for`, :py:class:`~canonizers.PerSampleCut`) remain the way to
+    isolate with attributors other than CRP.
 
     The arguments are those of ``CondAttribution``. ``exclude_parallel`` keeps its meaning: ``True`` (the default)
     isolates the conditions, as described here; ``False`` computes CRP's plain conditional heatmaps (relevance also
-    flows around the conditioned layers), exactly as ``CondAttribution`` does, leaving the canonizer's cut as it is.
-    So this class is a drop-in replacement, also where CRP itself passes ``exclude_parallel=False`` (e.g.
-    ``AttributionGraph``).
+    flows around the conditioned layers), exactly as ``CondAttribution`` does. So this class is a drop-in
+    replacement, also where CRP itself passes ``exclude_parallel=False`` (e.g. ``AttributionGraph``).
 
     Parameters
     ----------
@@ -329,7 +235,7 @@ class IsolatingCondAttribution(CondAttribution):
     device: :py:obj:`torch.device`, optional
         Where the model and computation are; that of the model's parameters by default.
     overwrite_data_grad: bool, optional
-        If True, ``data.grad`` is set to None before each call.
+        If True, ``data.grad`` is set to None before each call (the isolated heatmaps do not use it).
     no_param_grad: bool, optional
         If True, the model's parameters are set to not require gradients (saves memory).
     '''
@@ -345,10 +251,10 @@ class IsolatingCondAttribution(CondAttribution):
         on_device: Optional[str] = None,
         exclude_parallel: bool = True,
     ) -> attrResult:
-        '''Compute isolated conditional heatmaps for any mix of conditions, in one forward and backward pass.
+        '''Compute isolated conditional heatmaps for any mix of conditions, with one forward pass.
 
         Data and conditions are broadcast as by ``CondAttribution``: pairwise if equally many, else every data sample
-        with every condition (sample-major).
+        with every condition (sample-major). Equal data samples are passed forward once.
 
         Parameters
         ----------
@@ -357,16 +263,17 @@ class IsolatingCondAttribution(CondAttribution):
         conditions: list of dict
             CRP conditions, mapping layer names (and ``"y"``, the model output) to concept ids; the layers may differ
             between conditions, and one condition may name several layers, in any order.
-        composite: :py:obj:`zennit.core.Composite`
-            The rules; its canonizers must include one of this package that rewrites the model's blocks.
+        composite: :py:obj:`zennit.core.Composite`, optional
+            The rules, with the canonizers the model needs.
         record_layer: list of str, optional
-            Layers whose activations and relevances to return.
+            Layers whose activations and relevances to return (with the conditioned layers and ``start_layer``, as
+            CRP records them).
         mask_map: callable or dict of str to callable, optional
             How conditions mask the relevance at a layer (CRP's ``ChannelConcept.mask`` by default).
         start_layer: str, optional
             Layer where the backward pass starts instead of the output.
         init_rel: :py:obj:`torch.Tensor`, int or callable, optional
-            Initial relevance, as for ``CondAttribution``.
+            Initial relevance, as for ``CondAttribution`` (for the broadcast batch).
         on_device: str, optional
             Device on which to return heatmaps, activations and relevances.
         exclude_parallel: bool, optional
@@ -375,16 +282,16 @@ class IsolatingCondAttribution(CondAttribution):
         Returns
         -------
         :py:obj:`crp.attribution.attrResult`
-            ``heatmap`` (one per sample, in the order of the broadcast conditions), ``activations`` and ``relevances``
-            of the recorded layers (keys and shapes as ``CondAttribution`` with ``exclude_parallel=False``), and
-            ``prediction``.
+            ``heatmap`` (one per broadcast condition, in their order), ``activations`` and ``relevances`` of the
+            recorded layers (the relevance that reached them in each condition's backward passes, as CRP's
+            ``exclude_parallel=True`` records it), and ``prediction`` (of ``start_layer`` if given).
 
         Raises
         ------
         ValueError
-            If the composite holds no canonizer of this package, a condition names an unknown layer, two layers in
-            parallel branches of one block, or a layer in a block that no canonizer in the composite rewrites;
-            nothing is changed then.
+            If ``conditions`` is empty, a condition names a layer the model does not have or does not run, two layers
+            on parallel paths, a layer no relevance reaches, or a concept that is not a channel of its layer; the
+            model is left as it was.
         '''
         record_layer = list(record_layer or [])
         mask_map = _checked_masks(mask_map)
@@ -393,11 +300,15 @@ class IsolatingCondAttribution(CondAttribution):
                                     on_device, False)
         if not conditions:
             raise ValueError('conditions is empty: give at least one condition')
-        plan = _Plan(self.model, composite)
-        cuts = plan.cuts(_broadcast_conditions(len(data), conditions), self.MODEL_OUTPUT_NAME)
-        with self._removing_hooks(), plan.cutting(cuts):
-            return self._attribute(data, conditions, composite, record_layer, mask_map, start_layer, init_rel,
-                                   on_device, False)
+        self._check_arguments(data, conditions, start_layer, False, init_rel)
+        if len(data) == len(conditions):
+            broadcast, rows = list(conditions), list(range(len(data)))
+        else:
+            broadcast = list(conditions) * len(data)
+            rows = [sample for sample in range(len(data)) for _ in conditions]
+        unique, rows = _distinct(data, rows)
+        with self._forward(unique, broadcast, composite, record_layer, start_layer) as engine:
+            return self._isolated(engine, broadcast, rows, record_layer, mask_map, start_layer, init_rel, on_device)
 
     def generate(
         self,
@@ -413,12 +324,13 @@ class IsolatingCondAttribution(CondAttribution):
         exclude_parallel: bool = True,
         verbose: bool = True,
     ) -> Iterator[attrResult]:
-        '''Compute isolated conditional heatmaps of one sample for many conditions, ``batch_size`` at a time, with
-        one forward and one backward pass per batch.
+        '''Compute isolated conditional heatmaps of one sample for many conditions, ``batch_size`` at a time, from
+        one forward pass for all of them.
 
-        As in CRP, the last batch is padded to ``batch_size`` samples (so that a tensor ``init_rel`` fits every
-        batch), and only its real samples are returned. Unlike CRP, the layers may differ between conditions, and
-        the heatmaps are moved to ``on_device`` too. Everything is validated before the first pass.
+        As in CRP, the initial relevance of the last batch is computed for ``batch_size`` samples (so that a tensor
+        ``init_rel`` fits every batch), and only its real conditions are returned. Unlike CRP, the layers may differ
+        between conditions, and the heatmaps are moved to ``on_device`` too. Everything is validated before the
+        first pass.
 
         Parameters
         ----------
@@ -426,18 +338,18 @@ class IsolatingCondAttribution(CondAttribution):
             One input sample, shape ``[1, ...]``; must require gradients.
         conditions: list of dict
             CRP conditions, any mix of layers.
-        composite: :py:obj:`zennit.core.Composite`
-            The rules; its canonizers must include one of this package that rewrites the model's blocks.
+        composite: :py:obj:`zennit.core.Composite`, optional
+            The rules, with the canonizers the model needs.
         record_layer: list of str, optional
-            Layers whose activations and relevances to return.
+            Layers whose activations and relevances to return (with the layers of all conditions, as CRP).
         mask_map: callable or dict of str to callable, optional
             How conditions mask the relevance at a layer.
         start_layer: str, optional
             Layer where the backward pass starts instead of the output.
         init_rel: :py:obj:`torch.Tensor`, int or callable, optional
-            Initial relevance, as for ``CondAttribution``.
+            Initial relevance, as for ``CondAttribution`` (for ``batch_size`` samples).
         batch_size: int, optional
-            Conditions per forward and backward pass.
+            Conditions per batch of results.
         on_device: str, optional
             Device on which to return heatmaps, activations and relevances.
         exclude_parallel: bool, optional
@@ -461,53 +373,136 @@ class IsolatingCondAttribution(CondAttribution):
         if len(data) != 1:
             raise ValueError(f'generate explains one sample, but data holds {len(data)}: call it per sample, or use '
                              '__call__ for a batch')
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f'batch_size must be a positive integer, not {batch_size!r}')
         self._check_arguments(data, conditions, start_layer, False, init_rel)
-        plan = _Plan(self.model, composite)
-        cuts = plan.cuts(conditions, self.MODEL_OUTPUT_NAME)
-
         # every batch records the layers of all conditions, as CRP's generate does
         for condition in conditions:
             record_layer += [name for name in condition if name != self.MODEL_OUTPUT_NAME and name not in record_layer]
         batch_size = min(batch_size, len(conditions))
         batches = math.ceil(len(conditions) / batch_size)
-        with tqdm(total=batches, dynamic_ncols=True, disable=not verbose) as progress:
+        with self._forward(data, conditions, composite, record_layer, start_layer) as engine, \
+                tqdm(total=batches, dynamic_ncols=True, disable=not verbose) as progress:
             for index in range(batches):
-                span = slice(index * batch_size, (index + 1) * batch_size)
-                batch, batch_cuts = list(conditions[span]), cuts[span]
-                count = len(batch)
-                # as CRP: padded with the batch's first target and no mask; the padded samples need no cut
-                padding = {} if start_layer or self.MODEL_OUTPUT_NAME not in batch[0] else {
-                    self.MODEL_OUTPUT_NAME: batch[0][self.MODEL_OUTPUT_NAME]}
-                batch += [padding] * (batch_size - count)
-                batch_cuts += [{}] * (batch_size - count)
-                # a fresh tensor per batch: its gradient is the heatmap, and must not accumulate over batches
-                data_batch = torch.repeat_interleave(data, batch_size, dim=0)
-                with self._removing_hooks(), plan.cutting(batch_cuts):
-                    result = self._attribute(data_batch, batch, composite, record_layer, mask_map, start_layer,
-                                             init_rel, on_device, False)
+                batch = list(conditions[index * batch_size:(index + 1) * batch_size])
+                yield self._isolated(engine, batch, [0] * len(batch), record_layer, mask_map, start_layer, init_rel,
+                                     on_device, padded=batch_size)
                 progress.update(1)
-                yield attrResult(
-                    result.heatmap[:count],
-                    {name: value[:count] for name, value in result.activations.items()},
-                    {name: value[:count] for name, value in result.relevances.items()},
-                    result.prediction[:count],
-                )
+
+    def _layers_of(self, condition: Mapping[str, Sequence[int]], start_layer: Optional[str]) -> List[str]:
+        # as CRP: the start layer is where the backward pass starts, not a layer it passes through
+        return [name for name in condition if name not in (self.MODEL_OUTPUT_NAME, start_layer)]
 
     @contextlib.contextmanager
-    def _removing_hooks(self) -> Iterator[None]:
-        '''Remove the recording hooks that ``CondAttribution._attribute`` adds, also when it fails (it leaves them on
-        the model then).'''
-        self._handles: List[torch.utils.hooks.RemovableHandle] = []
-        try:
-            yield
-        finally:
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
+    def _forward(
+        self,
+        data: torch.Tensor,
+        conditions: Sequence[Condition],
+        composite: Optional[object],
+        record_layer: Sequence[str],
+        start_layer: Optional[str],
+    ) -> Iterator[PartialBackward]:
+        '''Check the layer names, run the forward pass under the composite with the layers' outputs recorded, and
+        give the engine for its backward passes; the composite and the hooks are removed on leaving, also on error.'''
+        modules = dict(self.model.named_modules())
+        if self.MODEL_OUTPUT_NAME in modules:
+            raise ValueError(f'the model has a layer named {self.MODEL_OUTPUT_NAME!r}, the name of the model output '
+                             'in conditions: change MODEL_OUTPUT_NAME of the attribution')
+        for index, condition in enumerate(conditions):
+            unknown = [name for name in self._layers_of(condition, None) if name not in modules]
+            if unknown:
+                raise ValueError(f'condition {index} {dict(condition)!r}: not modules of the model: '
+                                 f'{", ".join(map(repr, unknown))}')
+        if start_layer is not None and start_layer not in modules:
+            raise ValueError(f'start_layer {start_layer!r} is not a module of the model')
+        missing = [name for name in record_layer if name not in modules]
+        if missing:
+            warnings.warn(f'record_layer names no modules of the model: {missing}; they are not recorded', stacklevel=4)
+        conditioned = list(dict.fromkeys(name for condition in conditions for name in self._layers_of(condition, None)))
+        names = [name for name in [*conditioned, *record_layer, *([start_layer] if start_layer else [])]
+                 if name in modules]
+        if composite is None:
+            composite = Composite()
+        with composite.context(self.model) as modified:
+            # registered after the composite's hooks: the outputs as the rules return them
+            recorder = Recorder(self.model, names)
+            try:
+                input = data.detach().clone().requires_grad_(True)
+                output = modified(input)
+                for name in [*conditioned, *([start_layer] if start_layer else [])]:
+                    calls = recorder.calls.get(name, 0)
+                    if calls != 1:
+                        raise ValueError(
+                            f'layer {name!r} ran {calls} times in the forward pass: a condition or start_layer needs '
+                            'a module that runs once (give each use of a shared module its own module)')
+                root = output if start_layer is None else recorder.outputs[start_layer]
+                yield PartialBackward(recorder, root, input, start_layer)
+            finally:
+                recorder.remove()
 
-    def _append_recording_layer_hooks(
-        self, record_l_names: List[str], start_layer: Optional[str], cond_l_names: List[str]
-    ) -> Tuple[list, dict]:
-        handles, layer_out = super()._append_recording_layer_hooks(record_l_names, start_layer, cond_l_names)
-        getattr(self, '_handles', []).extend(handles)
-        return handles, layer_out
+    def _isolated(
+        self,
+        engine: PartialBackward,
+        conditions: Sequence[Condition],
+        rows: Sequence[int],
+        record_layer: Sequence[str],
+        mask_map: Union[Callable, Dict[str, Callable]],
+        start_layer: Optional[str],
+        init_rel: Union[None, torch.Tensor, int, Callable],
+        on_device: Optional[str],
+        padded: Optional[int] = None,
+    ) -> attrResult:
+        '''The isolated heatmaps of ``conditions`` on the forward batch's ``rows``, with CRP's initial relevance (of
+        the broadcast batch, ``padded`` to that many samples as CRP's ``generate`` pads its last batch).'''
+        count = len(conditions)
+        rows = list(rows)
+        prediction = engine.root.detach()[rows]
+        targets = None
+        if not start_layer:
+            targets = [condition[self.MODEL_OUTPUT_NAME] for condition in conditions
+                       if self.MODEL_OUTPUT_NAME in condition]
+            if padded is not None and targets:
+                targets += [targets[0]] * (padded - count)
+        if padded is not None and padded > count:
+            rows += [rows[0]] * (padded - count)
+        starts = self.relevance_init(engine.root.detach()[rows].clone(), targets, init_rel)
+        engine_conditions = []
+        for index, condition in enumerate(conditions):
+            layers = engine.order(self._layers_of(condition, start_layer))
+            self._check_chain(engine, index, condition, layers)
+            engine_conditions.append(EngineCondition(
+                rows[index], starts[index].to(engine.root), layers,
+                tuple(_mask_of(mask_map, layer, condition[layer]) for layer in layers)))
+        # recorded as CRP records them: the conditioned layers too, and the start layer, in forward order
+        wanted = {*record_layer, *(name for condition in conditions for name in self._layers_of(condition, None)),
+                  *([start_layer] if start_layer else [])}
+        records = [name for name in engine.recorder.outputs if name in wanted]
+        heatmaps, relevances = engine(engine_conditions, records)
+        heatmap = self.heatmap_modifier(_Gradient(heatmaps), on_device)
+        outputs = engine.recorder.outputs
+        activations = {name: outputs[name].detach()[rows[:count]] for name in records}
+        if on_device:
+            activations = {name: value.to(on_device) for name, value in activations.items()}
+            relevances = {name: value.to(on_device) for name, value in relevances.items()}
+        return attrResult(heatmap, activations, relevances, prediction)
+
+    @staticmethod
+    def _check_chain(engine: PartialBackward, index: int, condition: Condition, layers: Sequence[str]) -> None:
+        '''Refuse two layers of one condition on parallel paths (no relevance passes through both).'''
+        for upper, lower in zip(layers, layers[1:]):
+            if not engine.depends(upper, lower):
+                raise ValueError(f'condition {index} {dict(condition)!r}: layers {lower!r} and {upper!r} lie on '
+                                 'parallel paths, no relevance passes through both')
+
+
+def _distinct(data: torch.Tensor, rows: Sequence[int]) -> Tuple[torch.Tensor, List[int]]:
+    '''The distinct samples of ``data`` that ``rows`` use, and each row's index among them.'''
+    kept: List[int] = []
+    index: Dict[int, int] = {}
+    for row in dict.fromkeys(rows):
+        match = next((position for position, other in enumerate(kept) if torch.equal(data[other], data[row])), None)
+        if match is None:
+            kept.append(row)
+            match = len(kept) - 1
+        index[row] = match
+    return data[kept], [index[row] for row in rows]

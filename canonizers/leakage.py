@@ -114,9 +114,10 @@ def compare_heatmaps(
     composite: Callable[..., object],
     reference: bool = True,
 ) -> List[Dict[str, object]]:
-    '''For each condition, the leaky heatmap (CRP without isolation), ours (the skip paths around the conditioned layers
-    cut) and CRP's ``exclude_parallel=True`` reference. The leaky heatmaps of all conditions take one forward and
-    backward pass, and so do the isolated ones (:py:class:`~canonizers.crp.IsolatingCondAttribution`).
+    '''For each condition, the leaky heatmap (CRP without isolation), ours (isolated by
+    :py:class:`~canonizers.crp.IsolatingCondAttribution`: one forward pass, partial backward passes) and CRP's
+    ``exclude_parallel=True`` reference. The leaky heatmaps of all conditions take one forward and backward pass of
+    one sample per condition; the isolated ones one forward pass in all.
 
     Parameters
     ----------
@@ -147,7 +148,7 @@ def compare_heatmaps(
     conditions = [dict(condition) for condition in conditions]
     sample = data.detach().clone().requires_grad_(True)
     engine = IsolatingCondAttribution(model, no_param_grad=False)
-    # all conditions at once: one pass for the leaky heatmaps, one for the isolated ones
+    # all conditions at once: one batch for the leaky heatmaps, one forward pass for the isolated ones
     leaky = engine(sample, conditions, composite(canonizers=[family()]), exclude_parallel=False).heatmap.detach()
     isolated = engine(sample, conditions, composite(canonizers=[family()])).heatmap.detach()
     references: List[Optional[torch.Tensor]] = [None] * len(conditions)
