@@ -52,6 +52,23 @@ class LoadedModel:
         return f'class {index}'
 
 
+#: the prefix of timm model names (``timm:resnet50d``)
+TIMM = 'timm:'
+
+
+def timm_name(name: str) -> Optional[str]:
+    '''The timm model name in ``name`` (``timm:NAME``), or None for other models.'''
+    return name[len(TIMM):] if name.startswith(TIMM) else None
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise UsageError('timm models need timm: pip install timm') from None
+    return timm
+
+
 def model_names() -> List[str]:
     '''``demo`` and the names of torchvision's classification models.'''
     import torchvision
@@ -61,14 +78,21 @@ def model_names() -> List[str]:
 
 def check_model_name(name: str) -> None:
     '''Raise a :py:class:`UsageError` naming the closest models if ``name`` is no model this tool knows.'''
+    timm_model = timm_name(name)
+    if timm_model is not None:
+        known = _timm().list_models()
+        if timm_model not in known:
+            raise UsageError(f'unknown timm model {timm_model!r}; closest: {closest(timm_model, known)}')
+        return
     names = model_names()
     if name not in names:
         raise UsageError(f'unknown model {name!r}; closest: {closest(name, names)} (a torchvision classification '
-                         f'model name, or {DEMO!r})')
+                         f'model name, timm:NAME for a timm model, or {DEMO!r})')
 
 
 def build_architecture(name: str, num_classes: Optional[int] = None, weights: object = None) -> torch.nn.Module:
-    '''The model ``name`` with random (or torchvision's ``weights``) parameters, in eval mode.'''
+    '''The model ``name`` with random (or torchvision's ``weights``) parameters, in eval mode; timm models are
+    built without pretrained weights (never downloaded).'''
     import torchvision
 
     from ..demo import DemoResNet
@@ -76,6 +100,9 @@ def build_architecture(name: str, num_classes: Optional[int] = None, weights: ob
     options = {} if num_classes is None else {'num_classes': num_classes}
     if name == DEMO:
         return DemoResNet(**options).eval()
+    timm_model = timm_name(name)
+    if timm_model is not None:
+        return _timm().create_model(timm_model, pretrained=False, **options).eval()
     return torchvision.models.get_model(name, weights=weights, **options).eval()
 
 
@@ -83,7 +110,7 @@ def torchvision_weights(name: str, value: str):
     '''The torchvision weights enum member ``value`` of model ``name`` (e.g. ``IMAGENET1K_V2``), or None.'''
     import torchvision
 
-    if name == DEMO:
+    if name == DEMO or timm_name(name) is not None:
         return None
     enum = torchvision.models.get_model_weights(name)
     return enum[value] if value in enum.__members__ else None
@@ -93,7 +120,9 @@ def weights_names(name: str) -> List[str]:
     '''The torchvision weights names of model ``name``.'''
     import torchvision
 
-    return [] if name == DEMO else list(torchvision.models.get_model_weights(name).__members__)
+    if name == DEMO or timm_name(name) is not None:
+        return []
+    return list(torchvision.models.get_model_weights(name).__members__)
 
 
 def _is_state_dict(value: object) -> bool:
@@ -206,10 +235,10 @@ def load_model(name: str, weights: Optional[str], size: Optional[int], device: t
     Parameters
     ----------
     name: str
-        ``demo`` or a torchvision classification model name.
+        ``demo``, a torchvision classification model name, or ``timm:NAME``.
     weights: str, optional
         A file holding a state dict, or a torchvision weights name (``IMAGENET1K_V2``, ``DEFAULT``); for ``demo``
-        the embedded weights by default.
+        the embedded weights by default; timm models take a file.
     size: int, optional
         Input height and width; 64 for ``demo`` and 224 for torchvision models by default.
     device: :py:obj:`torch.device`
@@ -226,6 +255,8 @@ def load_model(name: str, weights: Optional[str], size: Optional[int], device: t
     class_names = None
     if weights is None and name == DEMO:
         model = demo.load_demo_model()
+    elif weights is None and timm_name(name) is not None:
+        raise UsageError(f'model {name!r} needs --weights: a state-dict file (timm weights are not downloaded)')
     elif weights is None:
         raise UsageError(f'model {name!r} needs --weights: a state-dict file, or a torchvision weights name '
                          f'({", ".join(weights_names(name))})')
@@ -243,6 +274,12 @@ def load_model(name: str, weights: Optional[str], size: Optional[int], device: t
     if name == DEMO:
         mean, std, default_size = demo.MEAN, demo.STD, demo.IMAGE_SIZE
         class_names = demo.CLASSES
+    elif timm_name(name) is not None:
+        # the normalisation and input size the model was trained with, as timm declares them
+        config = getattr(model, 'pretrained_cfg', None) or {}
+        mean = config.get('mean', IMAGENET_MEAN)
+        std = config.get('std', IMAGENET_STD)
+        default_size = int(config.get('input_size', (3, IMAGENET_SIZE, IMAGENET_SIZE))[-1])
     else:
         mean, std, default_size = IMAGENET_MEAN, IMAGENET_STD, IMAGENET_SIZE
         class_names = class_names or _imagenet_categories(name, model)
