@@ -100,14 +100,16 @@ class _LayerCuts:
         if self.untraceable is not None and layers:
             raise ValueError(f'{self.untraceable}, and no family canonizer of this package fits {model}: whether '
                              'relevance can go around the conditioned layers is unknown, so no cut is given; '
-                             "crp's CondAttribution(exclude_parallel=True) isolates conditions on any model")
+                             "canonizers.crp.IsolatingCondAttribution (as crp's exclude_parallel=True) isolates "
+                             'conditions on any model')
         for layer in layers:
             bypasses = self.paths.bypasses(layer, self.covered) if self.paths is not None else []
             if bypasses:
                 raise ValueError(
                     f'relevance can go around {layer!r} through {describe(bypasses)}, which no canonizer of this '
                     f'package covers for {model}: not supported (yet), no cut isolates it; '
-                    "crp's CondAttribution(exclude_parallel=True) isolates conditions on any model")
+                    "canonizers.crp.IsolatingCondAttribution (as crp's exclude_parallel=True) isolates conditions "
+                    'on any model')
 
     def cut_of(self, layers: Sequence[str]) -> Dict[str, str]:
         '''The cut for one set of conditioned layers (computed once per set).'''

@@ -312,6 +312,7 @@ def unsupported(name: str, model: torch.nn.Module) -> str:
                 f'{merges}, so whether relevance bypasses its layers is unknown')
     if merges:
         return (f'model {name!r} is not supported (yet): it has {describe(merges)}, which no canonizer of this package '
-                "covers; crp's CondAttribution(exclude_parallel=True) isolates conditions on any model")
+                "covers; canonizers.crp.IsolatingCondAttribution (as crp's exclude_parallel=True) isolates conditions "
+                'on any model')
     return (f'model {name!r} has no parallel paths (traced with torch.fx): CRP conditions on its layers need no '
             'isolation, and there is nothing to cut')
