@@ -310,7 +310,9 @@ class IsolatingCondAttribution(CondAttribution):
             rows = [sample for sample in range(len(data)) for _ in conditions]
         unique, rows = _distinct(data, rows)
         with self._forward(unique, broadcast, composite, record_layer, start_layer) as engine:
-            return self._isolated(engine, broadcast, rows, record_layer, mask_map, start_layer, init_rel, on_device)
+            engine_conditions = self._engine_conditions(engine, broadcast, rows, mask_map, start_layer, init_rel)
+            records = self._records(engine, broadcast, record_layer, start_layer)
+            return self._isolated(engine, engine_conditions, records, on_device)
 
     def generate(
         self,
@@ -385,10 +387,14 @@ class IsolatingCondAttribution(CondAttribution):
         batches = math.ceil(len(conditions) / batch_size)
         with self._forward(data, conditions, composite, record_layer, start_layer) as engine, \
                 tqdm(total=batches, dynamic_ncols=True, disable=not verbose) as progress:
-            for index in range(batches):
-                batch = list(conditions[index * batch_size:(index + 1) * batch_size])
-                yield self._isolated(engine, batch, [0] * len(batch), record_layer, mask_map, start_layer, init_rel,
-                                     on_device, padded=batch_size)
+            spans = [slice(index * batch_size, (index + 1) * batch_size) for index in range(batches)]
+            # all checked before the first backward pass, which is shared by all batches
+            batched = [self._engine_conditions(engine, conditions[span], [0] * len(conditions[span]), mask_map,
+                                               start_layer, init_rel, padded=batch_size) for span in spans]
+            records = self._records(engine, conditions, record_layer, start_layer)
+            engine.share([condition for batch in batched for condition in batch], records)
+            for batch in batched:
+                yield self._isolated(engine, batch, records, on_device)
                 progress.update(1)
 
     def _layers_of(self, condition: Mapping[str, Sequence[int]], start_layer: Optional[str]) -> List[str]:
@@ -442,23 +448,20 @@ class IsolatingCondAttribution(CondAttribution):
             finally:
                 recorder.remove()
 
-    def _isolated(
+    def _engine_conditions(
         self,
         engine: PartialBackward,
         conditions: Sequence[Condition],
         rows: Sequence[int],
-        record_layer: Sequence[str],
         mask_map: Union[Callable, Dict[str, Callable]],
         start_layer: Optional[str],
         init_rel: Union[None, torch.Tensor, int, Callable],
-        on_device: Optional[str],
         padded: Optional[int] = None,
-    ) -> attrResult:
-        '''The isolated heatmaps of ``conditions`` on the forward batch's ``rows``, with CRP's initial relevance (of
-        the broadcast batch, ``padded`` to that many samples as CRP's ``generate`` pads its last batch).'''
+    ) -> List[EngineCondition]:
+        '''``conditions`` on the forward batch's ``rows`` for the engine, with CRP's initial relevance (of the
+        broadcast batch, ``padded`` to that many samples as CRP's ``generate`` pads its last batch).'''
         count = len(conditions)
         rows = list(rows)
-        prediction = engine.root.detach()[rows]
         targets = None
         if not start_layer:
             targets = [condition[self.MODEL_OUTPUT_NAME] for condition in conditions
@@ -475,18 +478,33 @@ class IsolatingCondAttribution(CondAttribution):
             engine_conditions.append(EngineCondition(
                 rows[index], starts[index].to(engine.root), layers,
                 tuple(_mask_of(mask_map, layer, condition[layer]) for layer in layers)))
-        # recorded as CRP records them: the conditioned layers too, and the start layer, in forward order
+        return engine_conditions
+
+    def _records(self, engine: PartialBackward, conditions: Sequence[Condition], record_layer: Sequence[str],
+                 start_layer: Optional[str]) -> List[str]:
+        '''The layers to record, as CRP records them: the conditioned layers too, and the start layer, in the order
+        of the forward pass.'''
         wanted = {*record_layer, *(name for condition in conditions for name in self._layers_of(condition, None)),
                   *([start_layer] if start_layer else [])}
-        records = [name for name in engine.recorder.outputs if name in wanted]
-        heatmaps, relevances = engine(engine_conditions, records)
+        return [name for name in engine.recorder.outputs if name in wanted]
+
+    def _isolated(
+        self,
+        engine: PartialBackward,
+        conditions: Sequence[EngineCondition],
+        records: Sequence[str],
+        on_device: Optional[str],
+    ) -> attrResult:
+        '''The isolated heatmaps, recorded activations and relevances, and predictions of ``conditions``.'''
+        rows = [condition.sample for condition in conditions]
+        heatmaps, relevances = engine(conditions, records)
         heatmap = self.heatmap_modifier(_Gradient(heatmaps), on_device)
         outputs = engine.recorder.outputs
-        activations = {name: outputs[name].detach()[rows[:count]] for name in records}
+        activations = {name: outputs[name].detach()[rows] for name in records}
         if on_device:
             activations = {name: value.to(on_device) for name, value in activations.items()}
             relevances = {name: value.to(on_device) for name, value in relevances.items()}
-        return attrResult(heatmap, activations, relevances, prediction)
+        return attrResult(heatmap, activations, relevances, engine.root.detach()[rows])
 
     @staticmethod
     def _check_chain(engine: PartialBackward, index: int, condition: Condition, layers: Sequence[str]) -> None:

@@ -14,7 +14,7 @@ The engine knows nothing of CRP: :py:mod:`canonizers.crp` builds the conditions 
 and the result from CRP's own functions.
 '''
 import re
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -123,6 +123,7 @@ class PartialBackward:
         self.root_layer = root_layer
         self.root_name = 'the model output' if root_layer is None else f'start_layer {root_layer!r}'
         self._dependencies: Dict[Tuple[int, int], bool] = {}
+        self._cache: List[Tuple[int, torch.Tensor, Dict[str, Optional[torch.Tensor]]]] = []
 
     def order(self, layers: Sequence[str]) -> Tuple[str, ...]:
         '''``layers`` nearest the output first (the last to finish in the forward pass).'''
@@ -194,48 +195,72 @@ class PartialBackward:
                           heatmaps)
         return heatmaps, recorded
 
+    def share(self, conditions: Sequence[Condition], records: Sequence[str] = ()) -> None:
+        '''Run the backward pass from the root to the layers of ``conditions`` ahead, for all of them at once, so that
+        later calls on any of them (the batches of ``generate``) take their part of it from the cache.'''
+        self._shared(conditions, [name for name in records if name in self.recorder.outputs])
+
+    def _entry(self, condition: Condition) -> Dict[str, torch.Tensor]:
+        '''The cached relevance from the root, at layers, for the sample and initial relevance of ``condition``.'''
+        for sample, start, values in self._cache:
+            if sample == condition.sample and torch.equal(start, condition.start):
+                return values
+        self._cache.append((condition.sample, condition.start, {}))
+        return self._cache[-1][2]
+
     def _shared(
-        self, conditions: Sequence[Condition], records: Sequence[str], recorded: Dict[str, torch.Tensor]
+        self,
+        conditions: Sequence[Condition],
+        records: Sequence[str],
+        recorded: Optional[Dict[str, torch.Tensor]] = None,
     ) -> List[Optional[torch.Tensor]]:
         '''The backward pass from the root to the last layer of every condition, one row per distinct initial
-        relevance of a sample: per condition, the (unmasked) relevance at its last layer.'''
-        starts: Dict[int, List[torch.Tensor]] = {}
-        rounds = []
-        for condition in conditions:
-            known = starts.setdefault(condition.sample, [])
-            match = next((index for index, start in enumerate(known) if torch.equal(start, condition.start)), None)
-            if match is None:
-                known.append(condition.start)
-                match = len(known) - 1
-            rounds.append(match)
-        gradients = self.root.new_zeros((max(rounds) + 1,) + self.root.shape)
-        for condition, row in zip(conditions, rounds):
-            gradients[row, condition.sample] = condition.start
-        names = list(dict.fromkeys(condition.layers[0] for condition in conditions if condition.layers))
-        # only the recorded layers this pass reaches: asking for others would extend the pass below the layers
-        passing = [name for name in records
-                   if name != self.root_layer and any(self._on_pass(name, None, top) for top in names)]
-        outputs = self.recorder.outputs
-        wanted = [outputs[name] for name in names + passing]
-        # conditions without layers have all of their pass in the partial one
-        results = self._grad(self.root, wanted, gradients) if wanted else []
-        at = dict(zip(names + passing, results))
-        for name in names:
-            if at[name] is None:
-                raise ValueError(f'no relevance reaches layer {name!r} from {self.root_name}: a conditioned layer must '
-                                 f'lie between the input and {self.root_name}, outside parts the backward pass skips '
-                                 '(such as a gate the canonizer makes constant)')
-        for index, (condition, row) in enumerate(zip(conditions, rounds)):
+        relevance of a sample (the relevance at a layer from the root depends on nothing else, so it is cached): per
+        condition, the (unmasked) relevance at its last layer.'''
+        entries = [self._entry(condition) for condition in conditions]
+        # per condition with layers: its last layer, and the recorded layers its pass from the root reaches
+        needs = [[condition.layers[0]] + [name for name in records if name != self.root_layer
+                                          and self._on_pass(name, None, condition.layers[0])]
+                 if condition.layers else [] for condition in conditions]
+        missing = {}
+        for condition, entry, need in zip(conditions, entries, needs):
+            if any(name not in entry for name in need):
+                missing.setdefault(id(entry), (condition, entry, set()))[2].update(need)
+        if missing:
+            self._compute(list(missing.values()))
+        tops = []
+        for index, (condition, entry, need) in enumerate(zip(conditions, entries, needs)):
             if not condition.layers:
                 # its whole pass is the partial one, from the root to the input
+                tops.append(None)
                 continue
-            if self.root_layer in records:
+            if entry[condition.layers[0]] is None:
+                raise ValueError(f'no relevance reaches layer {condition.layers[0]!r} from {self.root_name}: a '
+                                 f'conditioned layer must lie between the input and {self.root_name}, outside parts '
+                                 'the backward pass skips (such as a gate the canonizer makes constant)')
+            tops.append(entry[condition.layers[0]])
+            if recorded is None:
+                continue
+            if self.root_layer in recorded:
                 recorded[self.root_layer][index] += condition.start
-            for name in passing:
-                if at[name] is not None and self._on_pass(name, None, condition.layers[0]):
-                    recorded[name][index] += at[name][row, condition.sample]
-        return [at[condition.layers[0]][row] if condition.layers else gradients[row]
-                for condition, row in zip(conditions, rounds)]
+            for name in need[1:]:
+                if entry[name] is not None:
+                    recorded[name][index] += entry[name]
+        return tops
+
+    def _compute(self, missing: List[Tuple[Condition, Dict[str, torch.Tensor], Set[str]]]) -> None:
+        '''One (batched) backward pass from the root for the cache entries that miss layers: a row per entry, as
+        many rows as a sample has entries.'''
+        rows = _rows([condition.sample for condition, _, _ in missing])
+        gradients = self.root.new_zeros((max(rows) + 1,) + self.root.shape)
+        for (condition, _, _), row in zip(missing, rows):
+            gradients[row, condition.sample] = condition.start
+        names = list(dict.fromkeys(name for _, _, need in missing for name in sorted(need)))
+        outputs = self.recorder.outputs
+        results = self._grad(self.root, [outputs[name] for name in names], gradients)
+        for (condition, entry, _), row in zip(missing, rows):
+            for name, values in zip(names, results):
+                entry[name] = None if values is None else values[row, condition.sample]
 
     def _partial(
         self,
@@ -254,7 +279,7 @@ class PartialBackward:
         start = self.root if not layers else outputs[layers[0]]
         gradients = start.new_zeros((max(rows) + 1,) + start.shape)
         for condition, member, row in zip(conditions, members, rows):
-            gradients[row, condition.sample] = tops[member][condition.sample]
+            gradients[row, condition.sample] = condition.start if tops[member] is None else tops[member]
         # the links of the chain: root (only without layers) or each layer, down to the next layer or the input
         links = list(zip(layers, list(layers[1:]) + [None])) if layers else [(None, None)]
         for depth, (top, bottom) in enumerate(links):

@@ -640,3 +640,28 @@ except ImportError as error:
     environment = {**os.environ, 'OMP_NUM_THREADS': '1'}
     output = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, env=environment)
     assert 'pip install zennit-canonizers[crp]' in output.stdout
+
+
+def test_generate_with_a_tensor_init_rel_equals_crp_generate():
+    # the initial relevance of each row of a batch differs: the backward pass from the output, shared by the batches,
+    # must not mix them up
+    model = make_model('resnet18', dtype=torch.float64)
+    data = make_input(dtype=torch.float64)
+    init_rel = torch.randn(2, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    composite = EpsilonPlusFlat(canonizers=[ResNetCanonizer()])
+    relevance = CondAttribution(model, no_param_grad=False)(
+        data, [{'y': [TARGET]}], composite, record_layer=['layer2.0.conv1'], exclude_parallel=False).relevances
+    channels = relevance['layer2.0.conv1'][0].flatten(1).sum(1).abs().argsort(descending=True)[:5].tolist()
+    conditions = [{'layer2.0.conv1': [channel], 'y': [TARGET]} for channel in channels]
+    ours = list(IsolatingCondAttribution(model, no_param_grad=False).generate(
+        data, conditions, composite, init_rel=init_rel, batch_size=2, verbose=False))
+    theirs = list(CondAttribution(model, no_param_grad=False).generate(
+        data, conditions, composite, init_rel=init_rel, batch_size=2, exclude_parallel=True, verbose=False))
+    assert [len(result.heatmap) for result in ours] == [len(result.heatmap) for result in theirs] == [2, 2, 1]
+    for mine, expected in zip(ours, theirs):
+        assert expected.heatmap.abs().max() > 0
+        assert relative_error(mine.heatmap, expected.heatmap) < 1e-9
+    # the rows' initial relevances differ: the same condition in another row has another heatmap
+    again = list(IsolatingCondAttribution(model, no_param_grad=False).generate(
+        data, conditions[1:2] + conditions[:1], composite, init_rel=init_rel, batch_size=2, verbose=False))
+    assert relative_error(again[0].heatmap[1:], ours[0].heatmap[:1]) > 1e-3
