@@ -39,6 +39,7 @@ class Recorder:
         self.outputs: Dict[str, torch.Tensor] = {}
         self.calls: Dict[str, int] = {}
         self.finished: Dict[str, int] = {}
+        self._clock = 0
         self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in dict.fromkeys(names)]
 
     def _hook(self, name: str) -> Callable:
@@ -46,7 +47,8 @@ class Recorder:
             # as CRP: a module called several times keeps its last output
             self.outputs[name] = output[0] if isinstance(output, tuple) else output
             self.calls[name] = self.calls.get(name, 0) + 1
-            self.finished[name] = len(self.finished) + sum(self.calls.values())
+            self._clock += 1
+            self.finished[name] = self._clock
         return record
 
     def remove(self) -> None:
