@@ -116,6 +116,10 @@ class GraphCanonizer(Canonizer):
     @staticmethod
     def _warn(root_module: torch.nn.Module, compiled: Compiled) -> None:
         model = type(root_module).__name__
+        for name in compiled.hooked:
+            if root_module.get_submodule(name)._forward_pre_hooks:
+                warnings.warn(f'GraphCanonizer inlines the forward of {name!r} of {model}: its forward hooks still '
+                              'run, its forward pre-hooks do not', stacklevel=3)
         for name, reason in compiled.batch_norms.unmerged.items():
             warnings.warn(f'GraphCanonizer cannot merge batch norm {name!r} of {model}: {reason}. It stays as it is, '
                           'and relevance through it is not conserved', stacklevel=3)

@@ -45,11 +45,14 @@ class Compiled:
             'canonized (its batch norm is merged into the layer after it), so the canonized model never calls it: '
             'condition on the batch norm or the layer after it instead'
             for parent, attribute in (plan.attribute for plan in self.batch_norms.pre_activations.values()
-                                      if plan.attribute is not None and plan.attribute[1] != 'act')
+                                      if plan.attribute is not None)
         }
         self.table = CutTable(analysis, replaced)
         self.catalog = self.table.catalog()
-        self.program = Program(analysis, self.batch_norms, self._hooked(analysis, self.table))
+        hooked = self._hooked(analysis, self.table)
+        #: the inlined modules whose forward hooks the canonized forward calls
+        self.hooked = [name for name, _, _ in hooked]
+        self.program = Program(analysis, self.batch_norms, hooked)
         self.merged = sorted({plan.after[0] for plan in self.batch_norms.linears.values() if plan.after}
                              | set(self.batch_norms.pre_activations))
         self.unsupported = [(analysis.holder(node), reason) for node, reason in analysis.unsupported]
