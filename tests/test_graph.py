@@ -26,7 +26,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlusFlat
 
-from canonizers import DenseNetCanonizer, EfficientNetCanonizer, MobileNetCanonizer, ResNetCanonizer
+from canonizers import DenseNetCanonizer, EfficientNetCanonizer, MobileNetCanonizer, PerSampleCut, ResNetCanonizer
+from canonizers.compat import RULES_ASSIGN_PARAMETERS
+from canonizers.evaluation import gradient_errors, parameter_gradients
 from canonizers.graph import GraphCanonizer, graph_cuts_for
 from canonizers.graph.compiled import compiled_for
 
@@ -193,7 +195,9 @@ def test_equal_to_family_canonizer_on_its_models(name, family, cut, layers, weig
     uncut = attribute(model, data, EpsilonPlusFlat(canonizers=[GraphCanonizer()]))
     assert relative_error(uncut, expected) > 1e-3
     for layer in layers:
-        assert graph_cuts_for(model, [{layer: [0], 'y': [TARGET]}]) == [family().layer_cuts(model, [layer])]
+        expected = family().layer_cuts(model, [layer])
+        assert graph_cuts_for(model, [{layer: [0], 'y': [TARGET]}]) == [expected]
+        assert GraphCanonizer().layer_cuts(model, [layer]) == expected
 
 
 def test_compiled_once_per_model():
@@ -205,3 +209,34 @@ def test_compiled_once_per_model():
     # a changed module is traced again
     model.fc = torch.nn.Linear(1024, 10)
     assert compiled_for(model) is not first
+
+
+@pytest.mark.parametrize('name', ['googlenet', 'resnet50d', 'densenet121'])
+def test_per_sample_isolating_cuts_in_one_pass(name):
+    # what canonizers.crp builds on: one batch, each sample with the cut of its own condition (in float64: float32
+    # rounds differently in a batch than alone)
+    model = make(name, torch.float64)
+    data = data_for(name, dtype=torch.float64)
+    plain = EpsilonPlusFlat(canonizers=[GraphCanonizer()])
+    conditions = [{layer: [relevant_channel(model, data, layer, TARGET, plain)], 'y': [TARGET]}
+                  for layer in CASES[name].layers]
+    cut = PerSampleCut(graph_cuts_for(model, conditions))
+    batched = crp_heatmap(model, data, conditions, EpsilonPlusFlat(canonizers=[GraphCanonizer(cut=cut)]), False)
+    for index, condition in enumerate(conditions):
+        excluded = crp_heatmap(model, data, [condition], plain, True)
+        assert relative_error(batched[index:index + 1], excluded) < 1e-9
+
+
+@pytest.mark.skipif(not RULES_ASSIGN_PARAMETERS, reason='zennit 0.4.6 and 0.5.1 need merged parameters to stay '
+                    'Parameters, so only the output is exact there')
+@pytest.mark.parametrize('name', ['inception_v3', 'resnetv2_50'])
+def test_same_function_of_the_parameters(name):
+    # after-merges (Inception), pre-activation merges with threshold ReLUs (ResNetV2): gradients w.r.t. every original
+    # parameter, batch norms included, are those of the plain model
+    model = make(name, torch.float64).requires_grad_(True)
+    data = data_for(name, 2, torch.float64, requires_grad=False)
+    reference = parameter_gradients(model, data, TARGET)
+    errors = gradient_errors(parameter_gradients(model, data, TARGET, [GraphCanonizer()]), reference)
+    assert max(errors.values()) <= 1e-9, max(errors, key=errors.get)
+    norms = [f'{name}.weight' for name in batch_norms(model)]
+    assert norms and all(reference[key].abs().max() > 0 for key in norms)

@@ -1,6 +1,6 @@
 '''The graph canonizer: the canonizers of this package for any model ``torch.fx`` can trace.'''
 import warnings
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from zennit.canonizers import Canonizer
@@ -112,6 +112,15 @@ class GraphCanonizer(Canonizer):
             remove_all(instances)
             raise
         return instances
+
+    def layer_cuts(self, root_module: torch.nn.Module, layers: Iterable[str]) -> Dict[str, Branches]:
+        '''The cut that makes all relevance reaching the input pass through every one of ``layers``, as
+        :py:meth:`canonizers.family.FamilyCanonizer.layer_cuts` (see :py:func:`graph_cuts_for`).'''
+        return compiled_for(root_module).table.layer_cuts(list(layers))
+
+    def blocks(self, root_module: torch.nn.Module) -> Dict[str, Tuple[str, ...]]:
+        '''The names that cuts of ``root_module`` may use, and the branches of each.'''
+        return dict(compiled_for(root_module).catalog.blocks)
 
     @staticmethod
     def _warn(root_module: torch.nn.Module, compiled: Compiled) -> None:
