@@ -240,3 +240,14 @@ def test_same_function_of_the_parameters(name):
     assert max(errors.values()) <= 1e-9, max(errors, key=errors.get)
     norms = [f'{name}.weight' for name in batch_norms(model)]
     assert norms and all(reference[key].abs().max() > 0 for key in norms)
+
+
+@pytest.mark.parametrize('name, layer, message', [
+    ('densenet121', 'features.denseblock1.denselayer1.relu1', 'replaced by a threshold ReLU'),
+    ('resnet18', 'layer1.0.relu', 'called at several places'),
+    ('efficientnet_b0', 'features.2.0.block.2.fc1', 'computes the gate'),
+    ('resnet18', 'layer1.0.conv3', "not a module of this model \\(closest: 'layer1.0.conv2'"),
+])
+def test_layers_a_condition_cannot_name_are_refused_with_the_reason(name, layer, message):
+    with pytest.raises(ValueError, match=message):
+        graph_cuts_for(make_model(name), [{layer: [0], 'y': [TARGET]}])

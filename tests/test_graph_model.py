@@ -44,7 +44,9 @@ class Block(torch.nn.Module):
         self.bn = torch.nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn(self.conv(x))
+        out = self.conv(x)
+        # a shape-only use of the convolution's output does not keep its batch norm from being merged into it
+        out = self.bn(out).reshape(out.shape)
         out += x
         return F.relu(out)
 
@@ -384,3 +386,38 @@ def test_forward_pre_hooks_of_inlined_blocks_are_warned_about():
     for instance in instances:
         instance.remove()
     handle.remove()
+
+
+def test_eca_and_hard_sigmoid_gates_are_constant():
+    from timm.layers import EcaModule
+
+    class Gated(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.eca = EcaModule(8)
+            self.fc = torch.nn.Conv2d(8, 8, 1, bias=False)
+            self.head = torch.nn.Linear(8, 10, bias=False)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(x))
+            x = self.eca(x)
+            x = x * F.hardsigmoid(self.fc(F.adaptive_avg_pool2d(x, 1)))
+            return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    torch.manual_seed(0)
+    model = Gated().double().eval()
+    data = make_data()
+    reference = model(data)
+    instances = GraphCanonizer().apply(model)
+    gates = [name for name, module in model.named_modules() if isinstance(module, ConstantGate)]
+    assert gates == ['eca.canonizer_gate', 'canonizer_gate']
+    assert relative_error(model(data), reference) < 1e-12
+    for instance in instances:
+        instance.remove()
+    with Gradient(model, conservation_composite([GraphCanonizer()])) as attributor:
+        output, relevance = attributor(data, lambda output: output_relevance(output, TARGET))
+    assert abs(relevance.sum().item() / output[0, TARGET].item() - 1.) < 1e-9
+    for layer in ('eca.conv', 'fc'):
+        with pytest.raises(ValueError, match='computes the gate'):
+            graph_cuts_for(model, [{layer: [0]}])
