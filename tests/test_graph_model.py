@@ -421,3 +421,18 @@ def test_eca_and_hard_sigmoid_gates_are_constant():
     for layer in ('eca.conv', 'fc'):
         with pytest.raises(ValueError, match='computes the gate'):
             graph_cuts_for(model, [{layer: [0]}])
+
+
+def test_model_canonized_by_a_family_canonizer_is_refused():
+    from helpers import make_model
+
+    from canonizers import ResNetCanonizer
+
+    model = make_model('resnet18')
+    instances = ResNetCanonizer().apply(model)
+    registered = snapshot(model)
+    with pytest.raises(RuntimeError, match="'layer1.0' of ResNet already has a rewritten forward"):
+        GraphCanonizer().apply(model)
+    assert_untouched(model, registered)
+    for instance in instances:
+        instance.remove()

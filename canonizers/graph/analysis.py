@@ -303,7 +303,7 @@ class Analysis:
             if node.op not in ('call_function', 'call_method') or node in gate_nodes or node not in self.signals:
                 continue
             convert = CONVERSIONS.get(node.target)
-            if convert is None or (node.target in ('mean',) and node.op != 'call_method'):
+            if convert is None:
                 continue
             input = node.args[0] if node.args else None
             if not isinstance(input, torch.fx.Node):

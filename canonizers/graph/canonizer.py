@@ -88,10 +88,13 @@ class GraphCanonizer(Canonizer):
             If the model is in training mode or canonized by a canonizer that is still registered.
         '''
         require_eval(root_module)
-        if 'forward' in vars(root_module) or root_module in REWRITTEN:
-            raise RuntimeError(f'{type(root_module).__name__} already has a rewritten forward (is another canonizer '
-                               'still registered on this model? nested composite contexts are not supported): remove '
-                               'it first')
+        rewritten = [name or 'the model' for name, module in root_module.named_modules()
+                     if 'forward' in vars(module) or module in REWRITTEN]
+        if rewritten:
+            # tracing a forward another canonizer rewrote would bake its modules into the compiled forward
+            raise RuntimeError(f'{rewritten[0]!r} of {type(root_module).__name__} already has a rewritten forward (is '
+                               'another canonizer still registered on this model? nested composite contexts are not '
+                               'supported): remove it first')
         compiled = compiled_for(root_module)
         cut = compiled.catalog.resolve(self._cut)
         modules = dict(root_module.named_modules())
