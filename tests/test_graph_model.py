@@ -436,3 +436,23 @@ def test_model_canonized_by_a_family_canonizer_is_refused():
     assert_untouched(model, registered)
     for instance in instances:
         instance.remove()
+
+
+def test_merge_that_cannot_be_cut_is_warned_about_and_refused_for_isolation():
+    class Difference(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.other = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            x = torch.relu(x)
+            return self.conv(x) - self.other(x)
+
+    model = Difference().eval()
+    with pytest.warns(UserWarning, match="leaves a sub of 2 paths in 'the forward' of Difference as it is"):
+        instances = GraphCanonizer().apply(model)
+    for instance in instances:
+        instance.remove()
+    with pytest.raises(ValueError, match="relevance can go around 'conv' through a sub of 2 paths"):
+        graph_cuts_for(model, [{'conv': [0]}])

@@ -167,8 +167,8 @@ class Analysis:
         self.pools = {node for node in self.nodes if self.global_pool(node)}
         self.merges: List[Merge] = []
         self.gates: List[Gate] = []
-        #: multi-path operations nothing here handles: (node, reason)
-        self.unsupported: List[Tuple[torch.fx.Node, str]] = []
+        #: multi-path operations nothing here handles: (node, reason, its signal inputs as traced)
+        self.unsupported: List[Tuple[torch.fx.Node, str, Tuple[torch.fx.Node, ...]]] = []
         self._find_merges()
         self.conversions = self._find_conversions()
 
@@ -240,10 +240,14 @@ class Analysis:
             elif target in _PRODUCTS:
                 self._product(node)
             elif len(self.signal_inputs(node)) >= 2 and target not in (operator.getitem,):
-                self.unsupported.append((node, f'{target_name(node)} of {len(self.signal_inputs(node))} paths'))
+                self._unsupported(node, f'{target_name(node)} of {len(self.signal_inputs(node))} paths')
         absorbed = {node for _, (_, chain) in chains.items() for node in chain}
         self.merges = [merge for merge in self.merges if merge.node not in absorbed]
         self.merges.sort(key=lambda merge: self.index[merge.node])
+
+    def _unsupported(self, node: torch.fx.Node, reason: str) -> None:
+        # the inputs as traced: rewriting the graph later replaces them in the node's arguments
+        self.unsupported.append((node, reason, tuple(self.signal_inputs(node))))
 
     def _sum(self, node: torch.fx.Node, chains: Dict) -> None:
         inputs = self.signal_inputs(node)
@@ -251,7 +255,7 @@ class Analysis:
             return
         if set(node.kwargs) - {'other'} or len(node.args) != 2 or not all(
                 isinstance(arg, torch.fx.Node) for arg in node.args):
-            self.unsupported.append((node, f'{target_name(node)} with a scale (alpha) or constants'))
+            self._unsupported(node, f'{target_name(node)} with a scale (alpha) or constants')
             return
         summands: List[torch.fx.Node] = []
         absorbed: List[torch.fx.Node] = []
@@ -273,7 +277,7 @@ class Analysis:
         dim = _keyword(node, 1, 'dim', 0)
         if not isinstance(tensors, (list, tuple)) or not all(isinstance(arg, torch.fx.Node) for arg in tensors) or (
                 not isinstance(dim, int)) or set(node.kwargs) - {'dim', 'tensors'}:
-            self.unsupported.append((node, f'{target_name(node)} of tensors it cannot mask'))
+            self._unsupported(node, f'{target_name(node)} of tensors it cannot mask')
             return
         self.merges.append(Merge(node, 'concatenation', tuple(tensors), (), self.holder(node), dim,
                                  node.target is torch.stack))
@@ -288,8 +292,8 @@ class Analysis:
                 if self._gates(signal, gate):
                     self.gates.append(Gate(node, signal, gate, self.holder(node)))
                     return
-        self.unsupported.append((node, 'product of two paths that is no gate (a factor computed from the other '
-                                       'through a global pooling)'))
+        self._unsupported(node, 'product of two paths that is no gate (a factor computed from the other through a '
+                                'global pooling)')
 
     def _gates(self, signal: torch.fx.Node, gate: torch.fx.Node) -> bool:
         '''Whether ``gate`` is computed from ``signal`` through a global pooling.'''

@@ -55,7 +55,7 @@ class Compiled:
         self.program = Program(analysis, self.batch_norms, hooked)
         self.merged = sorted({plan.after[0] for plan in self.batch_norms.linears.values() if plan.after}
                              | set(self.batch_norms.pre_activations))
-        self.unsupported = [(analysis.holder(node), reason) for node, reason in analysis.unsupported]
+        self.unsupported = [(analysis.holder(node), reason) for node, reason, _ in analysis.unsupported]
         # keep names only: the cache must not keep the model alive
         analysis.release()
 

@@ -201,9 +201,9 @@ class CutTable:
             If relevance can go around ``layer`` through an operation that cannot be cut.
         '''
         self.check_layer(layer)
-        for node, reason in self.analysis.unsupported:
+        for node, reason, inputs in self.analysis.unsupported:
             if self.depends(node, layer) and not self.inside(node, layer) and any(
-                    not self.depends(source, layer) for source in self.analysis.signal_inputs(node)):
+                    not self.depends(source, layer) for source in inputs):
                 raise ValueError(f'relevance can go around {layer!r} through a {reason} in '
                                  f'{self.analysis.holder(node) or "the model"!r}, which cannot be cut')
         return {
