@@ -456,3 +456,27 @@ def test_merge_that_cannot_be_cut_is_warned_about_and_refused_for_isolation():
         instance.remove()
     with pytest.raises(ValueError, match="relevance can go around 'conv' through a sub of 2 paths"):
         graph_cuts_for(model, [{'conv': [0]}])
+
+
+def test_in_place_sum_whose_input_is_read_again_is_left_as_it_is():
+    class Aliasing(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = torch.relu(x)
+            identity = y
+            # identity is y, changed in place: a sum that is not in place would change the result (torch.fx traces
+            # y += ... as y + ..., so only an explicit in-place call shows it)
+            y.add_(self.conv(y))
+            return y + identity
+
+    model = Aliasing().eval()
+    data = torch.randn(1, 3, 4, 4)
+    reference = model(data)
+    with pytest.warns(UserWarning, match='in-place add_ whose input is used again after it'):
+        instances = GraphCanonizer().apply(model)
+    assert torch.equal(model(data), reference)
+    for instance in instances:
+        instance.remove()

@@ -17,6 +17,7 @@ from .modules import GlobalMeanPool
 _SUMS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
 _CONCATENATIONS = {torch.cat, torch.concat, torch.stack}
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, 'mul', 'mul_'}
+_IN_PLACE = {operator.iadd, 'add_', operator.imul, 'mul_'}
 #: methods whose second argument gives only a shape or dtype, no signal
 _SHAPE_ONLY_SECOND = {'expand_as', 'view_as', 'reshape_as', 'type_as'}
 _ADAPTIVE_POOLS = (torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d,
@@ -245,6 +246,14 @@ class Analysis:
         self.merges = [merge for merge in self.merges if merge.node not in absorbed]
         self.merges.sort(key=lambda merge: self.index[merge.node])
 
+    def _aliased(self, node: torch.fx.Node) -> bool:
+        '''Whether ``node`` changes its first input in place while a later node still reads it: replaced by an
+        operation that is not in place, it would change what that node sees.'''
+        if node.target not in _IN_PLACE or not isinstance(node.args[0], torch.fx.Node):
+            return False
+        later = self.index[node]
+        return any(self.index[user] > later and not is_size(user) for user in node.args[0].users)
+
     def _unsupported(self, node: torch.fx.Node, reason: str) -> None:
         # the inputs as traced: rewriting the graph later replaces them in the node's arguments
         self.unsupported.append((node, reason, tuple(self.signal_inputs(node))))
@@ -256,6 +265,9 @@ class Analysis:
         if set(node.kwargs) - {'other'} or len(node.args) != 2 or not all(
                 isinstance(arg, torch.fx.Node) for arg in node.args):
             self._unsupported(node, f'{target_name(node)} with a scale (alpha) or constants')
+            return
+        if self._aliased(node):
+            self._unsupported(node, f'in-place {target_name(node)} whose input is used again after it')
             return
         summands: List[torch.fx.Node] = []
         absorbed: List[torch.fx.Node] = []
@@ -286,7 +298,7 @@ class Analysis:
         inputs = self.signal_inputs(node)
         if len(inputs) < 2:
             return
-        if len(node.args) == 2 and not node.kwargs and set(node.args) == set(inputs):
+        if len(node.args) == 2 and not node.kwargs and set(node.args) == set(inputs) and not self._aliased(node):
             first, second = node.args
             for signal, gate in ((first, second), (second, first)):
                 if self._gates(signal, gate):

@@ -30,8 +30,13 @@ class GraphCanonizer(Canonizer):
     - calls functional activations and pooling (``F.relu``, ``x.mean((2, 3))``, ...) as modules, so that rules apply;
     - still calls the forward hooks of the blocks whose forward it inlines (CRP's recording and masking).
 
-    The traced forward is installed as the model's ``forward`` and compiled once per model. Removal restores the model
-    bitwise. A model ``torch.fx`` cannot trace gets a ``ValueError`` that quotes the tracing error, untouched.
+    The traced forward is installed as the model's ``forward`` and compiled once per model
+    (:py:func:`canonizers.graph.clear_cache` forgets it, e.g. after changing an attribute the forward branches on).
+    Removal restores the model bitwise. A model ``torch.fx`` cannot trace gets a ``ValueError`` that quotes the
+    tracing error, untouched. Note that ``torch.fx`` itself traces ``y += z`` as ``y = y + z``: a forward that reads
+    ``y``'s tensor again under another name after such an in-place sum is traced wrongly by ``torch.fx`` (explicit
+    in-place calls, ``y.add_(z)``, are kept as they are).
+    Forward pre-hooks of inlined blocks do not run (a warning says so).
 
     Parameters
     ----------
