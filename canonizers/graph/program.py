@@ -169,6 +169,8 @@ class Program:
             self.scope[module] = self.scope[hooks] = tuple(part for part in self.scope[exit] if part != name)
             for user in outside:
                 user.replace_input_with(exit, hooks)
+            # a block around this one with the same output takes it after these hooks ran
+            self.current[exit] = hooks
 
     def _compile(self) -> Callable:
         code = self.graph.python_code(root_module='self')
