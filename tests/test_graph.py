@@ -251,3 +251,36 @@ def test_same_function_of_the_parameters(name):
 def test_layers_a_condition_cannot_name_are_refused_with_the_reason(name, layer, message):
     with pytest.raises(ValueError, match=message):
         graph_cuts_for(make_model(name), [{layer: [0], 'y': [TARGET]}])
+
+
+def test_timm_no_trace_modules_are_traced_through_where_possible():
+    # timm keeps NormFreeBlock whole when tracing; its residual sums are found all the same
+    model = timm.create_model('nf_resnet26', pretrained=False, num_classes=10).eval()
+    assert len(GraphCanonizer().blocks(model)) == 8
+
+
+def test_timm_no_trace_module_that_cannot_be_traced_is_kept_whole():
+    from timm.layers import _fx
+
+    class Dynamic(torch.nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.dynamic = Dynamic()
+
+        def forward(self, x):
+            return self.dynamic(self.conv(x)) + x
+
+    model = Model().eval()
+    with pytest.raises(ValueError, match='control flow'):
+        GraphCanonizer().blocks(model)
+    _fx.register_notrace_module(Dynamic)
+    try:
+        model = Model().eval()
+        assert GraphCanonizer().blocks(model) == {':0': ('skip', 'residual', '0', '1')}
+    finally:
+        _fx._leaf_modules.discard(Dynamic)

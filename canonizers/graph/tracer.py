@@ -35,11 +35,18 @@ def _timm_leaves() -> Tuple[Tuple[type, ...], Tuple[Callable, ...]]:
 
 class LeafTracer(torch.fx.Tracer):
     '''Tracer that keeps as leaves (single ``call_module`` nodes) what zennit and the batch-norm merges need whole:
-    torch's own layers, every convolution, linear layer and batch norm (also subclasses with their own forward, such
-    as timm's ``Conv2dSame`` or ``BatchNormAct2d``, whose padding or activation belongs to them), and timm's
-    registered no-trace modules.'''
-    def __init__(self) -> None:
-        self.extra_leaves, functions = _timm_leaves()
+    torch's own layers, and every convolution, linear layer and batch norm (also subclasses with their own forward, such
+    as timm's ``Conv2dSame`` or ``BatchNormAct2d``, whose padding or activation belongs to them).
+
+    Parameters
+    ----------
+    opaque: bool
+        Also keep timm's registered no-trace modules whole (the parallel paths inside them are then out of reach);
+        only needed where tracing through them fails.
+    '''
+    def __init__(self, opaque: bool = False) -> None:
+        modules, functions = _timm_leaves()
+        self.extra_leaves = modules if opaque else ()
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
@@ -83,7 +90,11 @@ def trace(model: torch.nn.Module) -> Tuple[torch.fx.Graph, Dict[str, Any]]:
         try:
             graph = LeafTracer().trace(model)
         except Exception as error:
-            raise TraceFailure(model, error) from error
+            # timm's no-trace modules, whole, may be what keeps the model from being traced
+            try:
+                graph = LeafTracer(opaque=True).trace(model)
+            except Exception:
+                raise TraceFailure(model, error) from error
     finally:
         for module, key, registry in saved:
             module.__dict__[key] = registry
