@@ -282,5 +282,9 @@ def test_timm_no_trace_module_that_cannot_be_traced_is_kept_whole():
     try:
         model = Model().eval()
         assert GraphCanonizer().blocks(model) == {':0': ('skip', 'residual', '0', '1')}
+        with pytest.warns(UserWarning, match="keeps 'dynamic' of Model whole"):
+            instances = GraphCanonizer().apply(model)
+        for instance in instances:
+            instance.remove()
     finally:
         _fx._leaf_modules.discard(Dynamic)

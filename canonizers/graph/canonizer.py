@@ -140,6 +140,9 @@ class GraphCanonizer(Canonizer):
         for name, reason in compiled.batch_norms.unmerged.items():
             warnings.warn(f'GraphCanonizer cannot merge batch norm {name!r} of {model}: {reason}. It stays as it is, '
                           'and relevance through it is not conserved', stacklevel=3)
+        for name in compiled.whole:
+            warnings.warn(f'GraphCanonizer keeps {name!r} of {model} whole: torch.fx cannot trace through it (timm '
+                          'marks it not traceable), so paths inside it are neither canonized nor cut', stacklevel=3)
         for holder, reason in compiled.unsupported:
             warnings.warn(f'GraphCanonizer leaves a {reason} in {holder or "the forward"!r} of {model} as it is: '
                           'no rule applies to it, and it cannot be cut', stacklevel=3)

@@ -4,6 +4,8 @@ from typing import Any, List, Tuple
 
 import torch
 import torch.fx
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
@@ -32,12 +34,15 @@ class Compiled:
     '''
     def __init__(self, model: torch.nn.Module) -> None:
         try:
-            graph, self.constants = trace(model)
+            graph, self.constants, opaque = trace(model)
         except TraceFailure as failure:
             raise ValueError(f'GraphCanonizer cannot canonize {type(model).__name__}: {failure}. Make its forward '
                              f'traceable (no control flow on tensor values), or use a family canonizer if one fits '
                              f'({FAMILIES})') from failure.cause
         analysis = Analysis(model, graph)
+        #: modules kept whole, with parallel paths inside them out of reach
+        self.whole = [node.target for node in analysis.nodes if isinstance(analysis.module(node), opaque)
+                      and not isinstance(analysis.module(node), (_BatchNorm, _ConvNd))]
         self.batch_norms = BatchNormPlan(analysis)
         replaced = {
             f'{parent}.{attribute}' if parent else attribute: (

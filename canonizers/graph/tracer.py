@@ -55,7 +55,7 @@ class LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(module, qualified_name)
 
 
-def trace(model: torch.nn.Module) -> Tuple[torch.fx.Graph, Dict[str, Any]]:
+def trace(model: torch.nn.Module) -> Tuple[torch.fx.Graph, Dict[str, Any], Tuple[type, ...]]:
     '''Trace ``model`` with :py:class:`LeafTracer`, with its hooks left out and nothing left on it.
 
     The user's forward hooks are not run on proxies (they would fail, or record proxies), and attributes the tracer
@@ -68,8 +68,9 @@ def trace(model: torch.nn.Module) -> Tuple[torch.fx.Graph, Dict[str, Any]]:
 
     Returns
     -------
-    (:py:obj:`torch.fx.Graph`, dict of str to object)
-        The graph, and the attributes the graph's code reads from the model that the model does not have.
+    (:py:obj:`torch.fx.Graph`, dict of str to object, tuple of type)
+        The graph, the attributes the graph's code reads from the model that the model does not have, and the module
+        types kept whole because tracing through them failed (timm's no-trace modules), if any.
 
     Raises
     ------
@@ -87,12 +88,15 @@ def trace(model: torch.nn.Module) -> Tuple[torch.fx.Graph, Dict[str, Any]]:
                 if registry:
                     saved.append((module, key, registry))
                     module.__dict__[key] = collections.OrderedDict()
+        opaque: Tuple[type, ...] = ()
         try:
             graph = LeafTracer().trace(model)
         except Exception as error:
             # timm's no-trace modules, whole, may be what keeps the model from being traced
             try:
-                graph = LeafTracer(opaque=True).trace(model)
+                tracer = LeafTracer(opaque=True)
+                graph = tracer.trace(model)
+                opaque = tracer.extra_leaves
             except Exception:
                 raise TraceFailure(model, error) from error
     finally:
@@ -104,4 +108,4 @@ def trace(model: torch.nn.Module) -> Tuple[torch.fx.Graph, Dict[str, Any]]:
             registry = model.__dict__[store]
             for key in [key for key in registry if key not in keys]:
                 added[key] = registry.pop(key)
-    return graph, added
+    return graph, added, opaque
