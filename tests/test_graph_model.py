@@ -512,3 +512,34 @@ def test_hooks_of_nested_blocks_with_one_output_all_fire():
     for name in names:
         assert len(outputs[name]) == 1
         assert relative_error(outputs[name][0], expected[name][0]) < 1e-12
+
+
+def test_pre_activation_through_a_relu_module_called_twice():
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.other = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.norm = torch.nn.BatchNorm2d(4)
+            self.relu = torch.nn.ReLU()
+            self.head = torch.nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            x = self.relu(self.conv(x)) + self.other(x)
+            # the batch norm of a sum merges into the layer after it, across the second call of the shared ReLU
+            return self.head(self.relu(self.norm(x)))
+
+    model = randomize_batch_norms(Shared()).double()
+    data = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    reference = model(data)
+    before = snapshot(model)
+    instances = GraphCanonizer().apply(model)
+    thresholds = [name for name, module in model.named_modules() if isinstance(module, ThresholdReLU)]
+    assert thresholds == ['canonizer_relu'] and type(model.relu) is torch.nn.ReLU
+    assert model.norm.eps == 0.
+    assert relative_error(model(data), reference) < 1e-12
+    with pytest.raises(ValueError, match='called at several places'):
+        graph_cuts_for(model, [{'relu': [0]}])
+    for instance in instances:
+        instance.remove()
+    assert_untouched(model, before)

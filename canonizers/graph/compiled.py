@@ -7,6 +7,7 @@ import torch.fx
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from ..lifecycle import REWRITTEN
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
 from .cutting import CutTable
@@ -86,8 +87,11 @@ _CACHE: 'weakref.WeakKeyDictionary[torch.nn.Module, Tuple[Any, Compiled]]' = wea
 
 def compiled_for(model: torch.nn.Module) -> Compiled:
     '''The :py:class:`Compiled` of ``model``, computed once per model (again when its modules change).'''
-    key = tuple((id(module), type(module)) for module in model.modules())
     cached = _CACHE.get(model)
+    if cached is not None and model in REWRITTEN:
+        # canonized by a graph canonizer (which claims the model itself): its modules are not the model's own now
+        return cached[1]
+    key = tuple((id(module), type(module)) for module in model.modules())
     if cached is None or cached[0] != key:
         cached = (key, Compiled(model))
         _CACHE[model] = cached
