@@ -75,7 +75,7 @@ CASES = {case.name: case for case in [
     Case('seresnext26d_32x4d', timm_model('seresnext26d_32x4d'), ('layer2.1.conv1', 'layer3.1.conv3')),
     Case('efficientnet_b0', timm_model('efficientnet_b0'), ('blocks.2.1.conv_pw', 'blocks.5.2.conv_pwl'),
          weight=(2.5, 4.)),
-    Case('mobilenetv3_large_100', timm_model('mobilenetv3_large_100'), ('blocks.1.1.conv_pw', 'blocks.4.1.conv_dw'),
+    Case('mobilenetv3_large_100', timm_model('mobilenetv3_large_100'), ('blocks.1.1.conv_pw', 'blocks.3.1.bn2.act'),
          weight=(2., 4.)),
     Case('regnety_008', timm_model('regnety_008'), ('s2.b2.conv2.conv', 's3.b1.conv3.conv')),
     Case('densenet121', timm_model('densenet121'),
@@ -240,6 +240,12 @@ def test_same_function_of_the_parameters(name):
     assert max(errors.values()) <= 1e-9, max(errors, key=errors.get)
     norms = [f'{name}.weight' for name in batch_norms(model)]
     assert norms and all(reference[key].abs().max() > 0 for key in norms)
+
+
+def test_activation_of_a_batch_norm_takes_its_place():
+    model = make('efficientnet_b0')
+    expected = graph_cuts_for(model, [{'blocks.2.1.bn1': [0]}])
+    assert expected == graph_cuts_for(model, [{'blocks.2.1.bn1.act': [0]}]) == [{'blocks.2.1': 'skip'}]
 
 
 @pytest.mark.parametrize('name, layer, message', [

@@ -19,6 +19,7 @@ import difflib
 from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from zennit.types import Linear
 
 from ..cuts import RESIDUAL, SKIP, BlockCatalog
@@ -45,6 +46,10 @@ class CutTable:
         self.merges = analysis.merges
         self.replaced = dict(replaced)
         self.module_names = list(analysis.modules)
+        #: batch norms called whole with an activation of their own (timm's BatchNormAct2d)
+        self.batch_norms_with_activation = {
+            name for name in analysis.calls
+            if isinstance(analysis.modules[name], _BatchNorm) and hasattr(analysis.modules[name], 'act')}
         self._regions(analysis)
         self._name_merges(analysis)
         self._find_producers(analysis)
@@ -175,8 +180,9 @@ class CutTable:
         return refusals
 
     # --- isolation -------------------------------------------------------------------------------------------------
-    def check_layer(self, layer: str) -> None:
-        '''Refuse a layer a CRP condition cannot name on the canonized model, with the reason.'''
+    def check_layer(self, layer: str) -> str:
+        '''Refuse a layer a CRP condition cannot name on the canonized model, with the reason; return the name of the
+        module whose place in the graph it takes (itself, or the batch norm whose activation it is).'''
         if layer not in self.analysis.modules:
             closest = difflib.get_close_matches(layer, self.module_names, n=3)
             raise ValueError(f'{layer!r} is not a module of this model (closest: '
@@ -186,10 +192,18 @@ class CutTable:
         if layer in self.replaced:
             raise ValueError(self.replaced[layer])
         if not self.region.get(layer):
-            raise ValueError(f'{layer!r} is not called in the forward of the model (as traced in eval mode)')
+            leaf = next((name for name in self.analysis.calls if layer.startswith(name + '.')), None)
+            if leaf is None:
+                raise ValueError(f'{layer!r} is not called in the forward of the model (as traced in eval mode)')
+            if leaf not in self.batch_norms_with_activation:
+                raise ValueError(f'{layer!r} is called inside {leaf!r}, which the canonized forward calls whole: '
+                                 f'where relevance goes inside it is unknown, condition on {leaf!r} instead')
+            # the activation of timm's BatchNormAct2d: the last step of the batch norm, in its place
+            layer = leaf
         if len(self.exits.get(layer, ())) != 1 or self.analysis.calls.get(layer, 1) != 1:
             raise ValueError(f'{layer!r} is called at several places in the forward, or its output leaves it at '
                              'several places: a condition on it mixes them, and no cut isolates it')
+        return layer
 
     def isolating(self, layer: str) -> Set[Place]:
         '''The merge inputs to cut so that all relevance reaching the input passes through ``layer``: every input of
@@ -200,7 +214,7 @@ class CutTable:
         ValueError
             If relevance can go around ``layer`` through an operation that cannot be cut.
         '''
-        self.check_layer(layer)
+        layer = self.check_layer(layer)
         for node, reason, inputs in self.analysis.unsupported:
             if self.depends(node, layer) and not self.inside(node, layer) and any(
                     not self.depends(source, layer) for source in inputs):
@@ -260,8 +274,8 @@ class CutTable:
         return combined
 
     def _follows(self, later: str, earlier: str) -> bool:
-        exit = self.exits[later][0]
-        return self.depends(exit, earlier)
+        exit = self.exits[self.check_layer(later)][0]
+        return self.depends(exit, self.check_layer(earlier))
 
 
 def condition_layers(conditions: Iterable[Mapping[str, object]], output: str = 'y') -> List[List[str]]:
