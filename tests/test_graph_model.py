@@ -543,3 +543,21 @@ def test_pre_activation_through_a_relu_module_called_twice():
     for instance in instances:
         instance.remove()
     assert_untouched(model, before)
+
+
+def test_gate_computed_from_the_block_input_is_constant():
+    class InputGate(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1, bias=False)
+            self.fc = torch.nn.Conv2d(3, 3, 1, bias=False)
+
+        def forward(self, x):
+            # the branch is gated by a squeeze of the block input, not of the branch itself
+            return self.conv(x) * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+    model = InputGate().double().eval()
+    instances = GraphCanonizer().apply(model)
+    assert isinstance(model.canonizer_gate, ConstantGate)
+    for instance in instances:
+        instance.remove()

@@ -126,7 +126,7 @@ class Merge(NamedTuple):
 
 
 class Gate(NamedTuple):
-    '''A product ``signal * gate`` whose gate is computed from the signal through a global pooling.'''
+    '''A product ``signal * gate`` whose gate is computed through a global pooling that the signal does not pass.'''
     node: torch.fx.Node
     signal: torch.fx.Node
     gate: torch.fx.Node
@@ -304,12 +304,13 @@ class Analysis:
                 if self._gates(signal, gate):
                     self.gates.append(Gate(node, signal, gate, self.holder(node)))
                     return
-        self._unsupported(node, 'product of two paths that is no gate (a factor computed from the other through a '
-                                'global pooling)')
+        self._unsupported(node, 'product of two paths that is no gate (a factor computed through a global pooling '
+                                'the other does not pass)')
 
     def _gates(self, signal: torch.fx.Node, gate: torch.fx.Node) -> bool:
-        '''Whether ``gate`` is computed from ``signal`` through a global pooling.'''
-        return any(self.depends(gate, pool) and self.depends(pool, signal) for pool in self.pools)
+        '''Whether ``gate`` is computed through a global pooling that ``signal`` does not pass: a channel (or
+        spatial) weighting, as in squeeze-and-excitation and ECA, also where the gate comes from the block's input.'''
+        return any(self.depends(gate, pool) and not self.depends(signal, pool) for pool in self.pools)
 
     # --- functional operations as modules --------------------------------------------------------------------------
     def _find_conversions(self) -> Dict[torch.fx.Node, torch.nn.Module]:
