@@ -16,7 +16,7 @@ Names:
 On torchvision's ResNet, DenseNet, EfficientNet and MobileNet this gives the family canonizers' names and meanings.
 '''
 import difflib
-from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -277,7 +277,3 @@ class CutTable:
         exit = self.exits[self.check_layer(later)][0]
         return self.depends(exit, self.check_layer(earlier))
 
-
-def condition_layers(conditions: Iterable[Mapping[str, object]], output: str = 'y') -> List[List[str]]:
-    '''The layer names of each CRP condition (all keys but the model output's).'''
-    return [[name for name in condition if name != output] for condition in conditions]
