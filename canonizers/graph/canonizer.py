@@ -1,6 +1,6 @@
 '''The graph canonizer: the canonizers of this package for any model ``torch.fx`` can trace.'''
 import warnings
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Sized, Tuple, Union
 
 import torch
 from zennit.canonizers import Canonizer
@@ -132,20 +132,26 @@ class GraphCanonizer(Canonizer):
 
     @staticmethod
     def _warn(root_module: torch.nn.Module, compiled: Compiled) -> None:
+        # one warning per kind, listing every place: a transformer has dozens of attention products
         model = type(root_module).__name__
-        for name in compiled.hooked:
-            if root_module.get_submodule(name)._forward_pre_hooks:
-                warnings.warn(f'GraphCanonizer inlines the forward of {name!r} of {model}: its forward hooks still '
-                              'run, its forward pre-hooks do not', stacklevel=3)
-        for name, reason in compiled.batch_norms.unmerged.items():
-            warnings.warn(f'GraphCanonizer cannot merge batch norm {name!r} of {model}: {reason}. It stays as it is, '
-                          'and relevance through it is not conserved', stacklevel=3)
-        for name in compiled.whole:
-            warnings.warn(f'GraphCanonizer keeps {name!r} of {model} whole: torch.fx cannot trace through it (timm '
-                          'marks it not traceable), so paths inside it are neither canonized nor cut', stacklevel=3)
-        for holder, reason in compiled.unsupported:
-            warnings.warn(f'GraphCanonizer leaves a {reason} in {holder or "the forward"!r} of {model} as it is: '
-                          'no rule applies to it, and it cannot be cut', stacklevel=3)
+        pre_hooks = [name for name in compiled.hooked if root_module.get_submodule(name)._forward_pre_hooks]
+        if pre_hooks:
+            warnings.warn(f'GraphCanonizer inlines the forward of {_listing(pre_hooks)} of {model}: forward hooks '
+                          'still run, forward pre-hooks do not', stacklevel=3)
+        unmerged = compiled.batch_norms.unmerged
+        if unmerged:
+            warnings.warn(f'GraphCanonizer cannot merge {_count(unmerged, "batch norm")} of {model}, which stay as '
+                          'they are (relevance through them is not conserved): ' + '; '.join(
+                              f'batch norm {name!r}: {reason}' for name, reason in unmerged.items()), stacklevel=3)
+        if compiled.whole:
+            warnings.warn(f'GraphCanonizer keeps {_listing(compiled.whole)} of {model} whole: torch.fx cannot trace '
+                          'through them (timm marks them not traceable), so paths inside them are neither canonized '
+                          'nor cut', stacklevel=3)
+        if compiled.unsupported:
+            places = [f'a {reason} in {holder or "the forward"!r}' for holder, reason in compiled.unsupported]
+            warnings.warn(f'GraphCanonizer leaves {_count(places, "operation")} of parallel paths of {model} as they '
+                          f'are (no rule applies to them, and they cannot be cut): {_listing(places, quote=False)}',
+                          stacklevel=3)
 
     def register(self, root_module: torch.nn.Module, modules: Mapping[str, torch.nn.Module],
                  compiled: Compiled) -> None:
@@ -209,6 +215,15 @@ class GraphCanonizer(Canonizer):
         '''Restore the model bitwise.'''
         self.patch.undo()
         self.modules = {}
+
+
+def _count(items: Sized, noun: str) -> str:
+    return f'{len(items)} {noun}{"s" if len(items) != 1 else ""}'
+
+
+def _listing(items: Sequence[str], limit: int = 5, quote: bool = True) -> str:
+    shown = [repr(item) if quote else item for item in items[:limit]]
+    return ', '.join(shown) + (f', ... ({len(items)} in all)' if len(items) > limit else '')
 
 
 def graph_cuts_for(model: torch.nn.Module, conditions: Sequence[Mapping[str, object]],
