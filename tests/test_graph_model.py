@@ -564,3 +564,32 @@ def test_gate_computed_from_the_block_input_is_constant():
     assert isinstance(model.canonizer_gate, ConstantGate)
     for instance in instances:
         instance.remove()
+
+
+def test_swish_written_out_becomes_a_silu_module_and_conserves():
+    class Swish(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+
+        def forward(self, x):
+            x = self.conv(x)
+            x = x * torch.sigmoid(x)
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Swish().double().eval()
+    data = make_data()
+    reference = model(data)
+    instances = GraphCanonizer().apply(model)
+    assert type(model.canonizer_silu) is torch.nn.SiLU
+    assert relative_error(model(data), reference) < 1e-15
+    for instance in instances:
+        instance.remove()
+    ratios = []
+    for canonizers in ([GraphCanonizer()], []):
+        with Gradient(model, conservation_composite(canonizers)) as attributor:
+            output, relevance = attributor(data, lambda output: output_relevance(output, TARGET))
+        ratios.append(relevance.sum().item() / output[0, TARGET].item())
+    assert abs(ratios[0] - 1.) < 1e-9 and abs(ratios[1] - 1.) > 1e-3

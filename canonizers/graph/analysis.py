@@ -18,6 +18,7 @@ _SUMS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
 _CONCATENATIONS = {torch.cat, torch.concat, torch.stack}
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, 'mul', 'mul_'}
 _IN_PLACE = {operator.iadd, 'add_', operator.imul, 'mul_'}
+_SIGMOIDS = {torch.sigmoid, F.sigmoid, 'sigmoid'}
 #: methods whose second argument gives only a shape or dtype, no signal
 _SHAPE_ONLY_SECOND = {'expand_as', 'view_as', 'reshape_as', 'type_as'}
 _ADAPTIVE_POOLS = (torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d,
@@ -168,9 +169,13 @@ class Analysis:
         self.pools = {node for node in self.nodes if self.global_pool(node)}
         self.merges: List[Merge] = []
         self.gates: List[Gate] = []
+        #: products x * sigmoid(x): the node, x and the sigmoid
+        self.swishes: Dict[torch.fx.Node, Tuple[torch.fx.Node, torch.fx.Node]] = {}
         #: multi-path operations nothing here handles: (node, reason, its signal inputs as traced)
         self.unsupported: List[Tuple[torch.fx.Node, str, Tuple[torch.fx.Node, ...]]] = []
         self._find_merges()
+        #: the input of a conversion where it is not the first argument (the x of x * sigmoid(x))
+        self.conversion_inputs: Dict[torch.fx.Node, torch.fx.Node] = {}
         self.conversions = self._find_conversions()
 
     def release(self) -> None:
@@ -300,6 +305,12 @@ class Analysis:
             return
         if len(node.args) == 2 and not node.kwargs and set(node.args) == set(inputs) and not self._aliased(node):
             first, second = node.args
+            for signal, other in ((first, second), (second, first)):
+                # x * sigmoid(x) is SiLU (swish) written out: one activation, no merge
+                if other.op in ('call_function', 'call_method') and other.target in _SIGMOIDS and (
+                        len(other.args) == 1 and other.args[0] is signal and not other.kwargs):
+                    self.swishes[node] = (signal, other)
+                    return
             for signal, gate in ((first, second), (second, first)):
                 if self._gates(signal, gate):
                     self.gates.append(Gate(node, signal, gate, self.holder(node)))
@@ -314,10 +325,16 @@ class Analysis:
 
     # --- functional operations as modules --------------------------------------------------------------------------
     def _find_conversions(self) -> Dict[torch.fx.Node, torch.nn.Module]:
-        conversions = {}
+        conversions: Dict[torch.fx.Node, torch.nn.Module] = {}
         gate_nodes = {gate.node for gate in self.gates}
+        # the sigmoid of a swish goes with its product, unless something else uses it too
+        swish_sigmoids = {sigmoid for _, sigmoid in self.swishes.values() if len(sigmoid.users) == 1}
+        for node, (input, _) in self.swishes.items():
+            conversions[node] = torch.nn.SiLU()
+            self.conversion_inputs[node] = input
         for node in self.nodes:
-            if node.op not in ('call_function', 'call_method') or node in gate_nodes or node not in self.signals:
+            if node.op not in ('call_function', 'call_method') or node in gate_nodes or node not in self.signals or (
+                    node in conversions or node in swish_sigmoids):
                 continue
             convert = CONVERSIONS.get(node.target)
             if convert is None:

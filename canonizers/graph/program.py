@@ -129,7 +129,12 @@ class Program:
             else:
                 slot = self._slot(analysis.holder(node), f'canonizer_{type(module).__name__.lower()}', 'module',
                                   prototype=module)
-            self._replace(node, self._call(node, slot, (self._node(node.args[0]),)))
+            input = analysis.conversion_inputs.get(node, node.args[0])
+            self._replace(node, self._call(node, slot, (self._node(input),)))
+        for _, sigmoid in analysis.swishes.values():
+            # the sigmoid of x * sigmoid(x), now computed by the SiLU module, unless something else reads it
+            if not sigmoid.users:
+                self.graph.erase_node(sigmoid)
 
     def _gates(self) -> None:
         for gate in self.analysis.gates:
