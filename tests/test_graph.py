@@ -81,6 +81,9 @@ CASES = {case.name: case for case in [
     Case('densenet121', timm_model('densenet121'),
          ('features.denseblock2.denselayer3.conv1', 'features.denseblock3.denselayer5')),
     Case('resnetv2_50', timm_model('resnetv2_50'), ('stages.1.blocks.1.conv2', 'stages.2.blocks.0.downsample.conv')),
+    # no batch norms, but scalars on every path (x * alpha + shortcut), which relevance passes unchanged; no isolation
+    # test: EpsilonPlusFlat gives no relevance at all through its weight-standardized convolutions, canonized or not
+    Case('nf_resnet26', timm_model('nf_resnet26'), ()),
 ]}
 ISOLATION = [(name, layer) for name, case in CASES.items() for layer in case.layers]
 

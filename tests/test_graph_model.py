@@ -593,3 +593,37 @@ def test_swish_written_out_becomes_a_silu_module_and_conserves():
             output, relevance = attributor(data, lambda output: output_relevance(output, TARGET))
         ratios.append(relevance.sum().item() / output[0, TARGET].item())
     assert abs(ratios[0] - 1.) < 1e-9 and abs(ratios[1] - 1.) > 1e-3
+
+
+def test_scaling_by_a_factor_without_signal_passes_relevance():
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.gamma = torch.nn.Parameter(torch.rand(4, 1, 1) + .5)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+
+        def forward(self, x):
+            # a layer scale, a constant and a quotient: each multiplies the relevance when left to autograd
+            x = self.gamma * torch.relu(self.conv(x)) * 3.
+            return self.head((x / 7.).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Scaled().double().eval()
+    data = make_data()
+    reference = model(data)
+    instances = GraphCanonizer().apply(model)
+    scales = [name for name, module in model.named_modules() if type(module).__name__ == 'Scale']
+    assert scales == ['canonizer_scale', 'canonizer_scale_1', 'canonizer_scale_2']
+    assert torch.equal(model(data), reference)
+    # the factor still gets its gradient (a layer scale stays trainable)
+    model(data).sum().backward()
+    assert model.gamma.grad is not None and model.gamma.grad.abs().max() > 0
+    for instance in instances:
+        instance.remove()
+    ratios = []
+    for canonizers in ([GraphCanonizer()], []):
+        with Gradient(model, conservation_composite(canonizers)) as attributor:
+            output, relevance = attributor(data, lambda output: output_relevance(output, TARGET))
+        ratios.append(relevance.sum().item() / output[0, TARGET].item())
+    assert abs(ratios[0] - 1.) < 1e-9 and abs(ratios[1] - 1.) > 1e-3

@@ -17,7 +17,8 @@ from .modules import GlobalMeanPool
 _SUMS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
 _CONCATENATIONS = {torch.cat, torch.concat, torch.stack}
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, 'mul', 'mul_'}
-_IN_PLACE = {operator.iadd, 'add_', operator.imul, 'mul_'}
+_QUOTIENTS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, 'div', 'div_', 'true_divide'}
+_IN_PLACE = {operator.iadd, 'add_', operator.imul, 'mul_', operator.itruediv, 'div_'}
 _SIGMOIDS = {torch.sigmoid, F.sigmoid, 'sigmoid'}
 #: methods whose second argument gives only a shape or dtype, no signal
 _SHAPE_ONLY_SECOND = {'expand_as', 'view_as', 'reshape_as', 'type_as'}
@@ -169,6 +170,9 @@ class Analysis:
         self.pools = {node for node in self.nodes if self.global_pool(node)}
         self.merges: List[Merge] = []
         self.gates: List[Gate] = []
+        #: products and quotients of the signal and a factor without signal: the node, the input, the factor, and
+        #: whether it divides
+        self.scales: Dict[torch.fx.Node, Tuple[torch.fx.Node, object, bool]] = {}
         #: products x * sigmoid(x): the node, x and the sigmoid
         self.swishes: Dict[torch.fx.Node, Tuple[torch.fx.Node, torch.fx.Node]] = {}
         #: multi-path operations nothing here handles: (node, reason, its signal inputs as traced)
@@ -245,6 +249,8 @@ class Analysis:
                 self._concatenation(node)
             elif target in _PRODUCTS:
                 self._product(node)
+            elif target in _QUOTIENTS and len(self.signal_inputs(node)) == 1 and node in self.signals:
+                self._scale(node)
             elif len(self.signal_inputs(node)) >= 2 and target not in (operator.getitem,):
                 self._unsupported(node, f'{target_name(node)} of {len(self.signal_inputs(node))} paths')
         absorbed = {node for _, (_, chain) in chains.items() for node in chain}
@@ -299,8 +305,26 @@ class Analysis:
         self.merges.append(Merge(node, 'concatenation', tuple(tensors), (), self.holder(node), dim,
                                  node.target is torch.stack))
 
+    def _scale(self, node: torch.fx.Node) -> None:
+        '''Record ``input * factor`` or ``input / factor`` with a factor that carries no signal.'''
+        if len(node.args) != 2 or node.kwargs or self._aliased(node):
+            return
+        first, second = node.args
+        if node.target in _QUOTIENTS:
+            if first in self.signals and not (isinstance(second, torch.fx.Node) and second in self.signals):
+                self.scales[node] = (first, second, True)
+            return
+        for input, factor in ((first, second), (second, first)):
+            if isinstance(input, torch.fx.Node) and input in self.signals and not (
+                    isinstance(factor, torch.fx.Node) and factor in self.signals):
+                if isinstance(factor, (int, float)) or isinstance(factor, torch.fx.Node):
+                    self.scales[node] = (input, factor, False)
+                return
+
     def _product(self, node: torch.fx.Node) -> None:
         inputs = self.signal_inputs(node)
+        if len(inputs) == 1 and node in self.signals:
+            self._scale(node)
         if len(inputs) < 2:
             return
         if len(node.args) == 2 and not node.kwargs and set(node.args) == set(inputs) and not self._aliased(node):

@@ -27,7 +27,9 @@ class GraphCanonizer(Canonizer):
     - merges every batch norm exactly along the data flow: into the layer before it, into the layers of a
       concatenation before it, or (pre-activation) into the layers after it across a ReLU that becomes a
       :py:class:`~canonizers.ThresholdReLU`; one it cannot merge is warned about by name;
-    - calls functional activations and pooling (``F.relu``, ``x.mean((2, 3))``, ...) as modules, so that rules apply;
+    - calls functional activations and pooling (``F.relu``, ``x.mean((2, 3))``, swish written out as
+      ``x * sigmoid(x)``, ...) as modules, so that rules apply, and scalings by factors that do not depend on the
+      input (layer scales, constants) as modules that relevance passes unchanged (the z-rule of a diagonal map);
     - still calls the forward hooks of the blocks whose forward it inlines (CRP's recording and masking).
 
     The traced forward is installed as the model's ``forward`` and compiled once per model

@@ -1,7 +1,8 @@
 '''Modules and functions that the graph canonizer puts into a traced forward.'''
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from zennit.types import Activation
 
 from ..masked_sum import mask_gradient
 
@@ -82,6 +83,34 @@ class MaskedConcatenation(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f'inputs={self.inputs}, dim={self.dim}' + (', stack=True' if self.stack else '')
+
+
+class Scale(torch.nn.Module, Activation):
+    '''``input * factor`` (or ``input / factor``) with a factor that does not depend on the input: a layer scale, the
+    scalar of a normalizer-free network, a constant.
+
+    As a linear map with a constant diagonal weight, LRP passes the relevance through it unchanged (the z-rule gives
+    ``R_input = input * factor * R_output / (input * factor) = R_output``); left to autograd, the relevance would be
+    multiplied by the factor. The module declares itself an activation (:py:class:`zennit.types.Activation`), to
+    which zennit's LRP composites attach their pass-through rule. The factor is a keyword argument, as the gate of
+    :py:class:`~canonizers.ConstantGate`, so that zennit's hooks see the input alone; unlike a gate, gradients reach it
+    (a layer scale stays trainable).
+
+    Parameters
+    ----------
+    divide: bool
+        Divide by the factor instead of multiplying.
+    '''
+    def __init__(self, divide: bool = False) -> None:
+        super().__init__()
+        self.divide = divide
+
+    def forward(self, input: torch.Tensor, *, factor: Union[torch.Tensor, float]) -> torch.Tensor:
+        '''Scale ``input`` by ``factor``, bitwise as the operation it replaces.'''
+        return input / factor if self.divide else input * factor
+
+    def extra_repr(self) -> str:
+        return 'divide=True' if self.divide else ''
 
 
 class GlobalMeanPool(torch.nn.AdaptiveAvgPool2d):

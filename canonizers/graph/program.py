@@ -11,7 +11,7 @@ from ..gates import ConstantGate
 from ..masked_sum import MaskedSum
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
-from .modules import MaskedConcatenation, call_forward_hooks, stack_summands
+from .modules import MaskedConcatenation, Scale, call_forward_hooks, stack_summands
 
 
 class Slot(NamedTuple):
@@ -84,6 +84,7 @@ class Program:
         thresholds = {plan.relu: name for name, plan in batch_norms.pre_activations.items()
                       if plan.relu is not None and plan.attribute is None}
         self._conversions(thresholds)
+        self._scales()
         self._gates()
         self._merges()
         self._hooks(hooked)
@@ -135,6 +136,13 @@ class Program:
             # the sigmoid of x * sigmoid(x), now computed by the SiLU module, unless something else reads it
             if not sigmoid.users:
                 self.graph.erase_node(sigmoid)
+
+    def _scales(self) -> None:
+        for node, (input, factor, divide) in self.analysis.scales.items():
+            slot = self._slot(self.analysis.holder(node), 'canonizer_scale', 'module', prototype=Scale(divide))
+            if isinstance(factor, torch.fx.Node):
+                factor = self._node(factor)
+            self._replace(node, self._call(node, slot, (self._node(input),), {'factor': factor}))
 
     def _gates(self) -> None:
         for gate in self.analysis.gates:
