@@ -94,7 +94,8 @@ class Scale(torch.nn.Module, Activation):
     multiplied by the factor. The module declares itself an activation (:py:class:`zennit.types.Activation`), to
     which zennit's LRP composites attach their pass-through rule. The factor is a keyword argument, as the gate of
     :py:class:`~canonizers.ConstantGate`, so that zennit's hooks see the input alone; unlike a gate, gradients reach it
-    (a layer scale stays trainable).
+    (a layer scale stays trainable). The factor must not broadcast the input to a larger shape (relevance passed
+    unchanged must fit the input); scalings in CNNs (per channel, scalar) do not.
 
     Parameters
     ----------
