@@ -11,6 +11,7 @@ from .families.mobilenet import (
 )
 from .families.resnet import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer, ResNetCanonizer
 from .gates import ConstantGate, SqueezeExcitationCanonizer
+from .graph import GraphCanonizer
 from .layers import ThresholdReLU
 from .masked_sum import MaskedSum
 from .merging import ExactMergeBatchNorm, LinearMerge
@@ -24,6 +25,7 @@ __all__ = [
     'DenseNetHeadCanonizer',
     'EfficientNetCanonizer',
     'ExactMergeBatchNorm',
+    'GraphCanonizer',
     'LinearMerge',
     'MBConvCanonizer',
     'MaskedSum',

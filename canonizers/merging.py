@@ -165,9 +165,16 @@ def input_features(linear: torch.nn.Module) -> int:
 def padded(linear: torch.nn.Module) -> bool:
     '''Whether ``linear`` is a convolution that pads its input (so that some outputs see fewer than all inputs).'''
     padding = getattr(linear, 'padding', ())
+    kernel = getattr(linear, 'kernel_size', ())
     if isinstance(padding, str):
-        return padding == 'same' and any(size > 1 for size in linear.kernel_size)
-    return any(value != 0 for value in padding)
+        return padding == 'same' and any(size > 1 for size in kernel)
+    if any(value != 0 for value in padding):
+        return True
+    # a convolution with a forward of its own (timm's Conv2dSame) may pad its input there, whatever its attribute says;
+    # with a 1x1 kernel, 'same' padding is none
+    standard = [
+        base.forward for base in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d) if isinstance(linear, base)]
+    return bool(standard) and type(linear).forward is not standard[0] and any(size > 1 for size in kernel)
 
 
 def check_merge(merge: LinearMerge) -> None:

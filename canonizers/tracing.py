@@ -70,6 +70,11 @@ def _modules_of(node: torch.fx.Node) -> Tuple[str, ...]:
     return names
 
 
+#: public names of the helpers the graph canonizer shares
+is_size = _is_size
+modules_of = _modules_of
+
+
 class ParallelPaths:
     '''The traced data flow of a model: its merges of parallel paths, and which of them relevance can take around a
     layer.

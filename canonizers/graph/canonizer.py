@@ -1,0 +1,259 @@
+'''The graph canonizer: the canonizers of this package for any model ``torch.fx`` can trace.'''
+import warnings
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Sized, Tuple, Union
+
+import torch
+from zennit.canonizers import Canonizer
+
+from ..compat import RULES_ASSIGN_PARAMETERS, RestoreSwappedParameters
+from ..cuts import CutLike, ParsedCut, PerSampleCut, ResolvedCut, parse_cut, public_cut
+from ..lifecycle import REWRITTEN, remove_all, require_eval
+from ..merging import batch_norm_affine, check_batch_norm, make_identity, merge_around_linear, threshold_relu
+from ..patch import ModulePatch
+from .compiled import Compiled, compiled_for
+from .cutting import Branches
+
+
+class GraphCanonizer(Canonizer):
+    '''Canonizer for any model that ``torch.fx`` can trace (timm models, torchvision's GoogLeNet, Inception, RegNet,
+    ConvNeXt, ShuffleNet, MNASNet, users' own blocks), applied in place.
+
+    From the traced graph it
+
+    - routes every sum of tensors from parallel paths (``+``, ``+=``, ``torch.add``; ``a + b + c`` as one sum) through
+      a :py:class:`~canonizers.MaskedSum`, and gives every concatenation of them a gradient mask per input, so that
+      paths can be cut;
+    - treats gates (``x * sigmoid(f(pool(x)))``, hard sigmoid, ECA) as constants (:py:class:`~canonizers.ConstantGate`);
+    - merges every batch norm exactly along the data flow: into the layer before it, into the layers of a
+      concatenation before it, or (pre-activation) into the layers after it across a ReLU that becomes a
+      :py:class:`~canonizers.ThresholdReLU`; one it cannot merge is warned about by name;
+    - calls functional activations and pooling (``F.relu``, ``x.mean((2, 3))``, swish written out as
+      ``x * sigmoid(x)``, ...) as modules, so that rules apply, and scalings by factors that do not depend on the
+      input (layer scales, constants) as modules that relevance passes unchanged (the z-rule of a diagonal map);
+    - still calls the forward hooks of the blocks whose forward it inlines (CRP's recording and masking).
+
+    The traced forward is installed as the model's ``forward`` and compiled once per model
+    (:py:func:`canonizers.graph.clear_cache` forgets it, e.g. after changing an attribute the forward branches on).
+    Removal restores the model bitwise. A model ``torch.fx`` cannot trace gets a ``ValueError`` that quotes the
+    tracing error, untouched. Note that ``torch.fx`` itself traces ``y += z`` as ``y = y + z``: a forward that reads
+    ``y``'s tensor again under another name after such an in-place sum is traced wrongly by ``torch.fx`` (explicit
+    in-place calls, ``y.add_(z)``, are kept as they are).
+    Forward pre-hooks of inlined blocks do not run (a warning says so).
+
+    Parameters
+    ----------
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+        Which paths carry no relevance. A merge is named by the module whose forward computes it, with ``:k`` where
+        one module computes several; its branches are its inputs ``"0"``, ``"1"``, ... and, where they are told apart,
+        ``"skip"`` and ``"residual"``, as the family canonizers name them (see :py:mod:`canonizers.graph.cutting`).
+    '''
+    def __init__(self, cut: CutLike = None) -> None:
+        self._cut: ParsedCut = parse_cut(cut)
+        self._instances: List[GraphCanonizer] = []
+        self.compiled: Optional[Compiled] = None
+        self.patch = ModulePatch()
+
+    @property
+    def cut(self) -> Union[Dict[str, Branches], PerSampleCut]:
+        '''The cut; settable at any time, also while registered (validated against every registered model first,
+        acts from the next forward on).'''
+        return public_cut(self._cut)
+
+    @cut.setter
+    def cut(self, value: CutLike) -> None:
+        parsed = parse_cut(value)
+        resolved = [instance.compiled.catalog.resolve(parsed) for instance in self._instances]
+        self._cut = parsed
+        for instance, cut in zip(self._instances, resolved):
+            instance.update(cut)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(cut={self.cut!r})'
+
+    def copy(self) -> 'GraphCanonizer':
+        '''Return an unregistered copy of this canonizer, with the same cut.'''
+        return type(self)(self.cut)
+
+    def apply(self, root_module: torch.nn.Module) -> List[Canonizer]:
+        '''Canonize ``root_module`` in place; on failure, undo what was done and raise.
+
+        Parameters
+        ----------
+        root_module: :py:obj:`torch.nn.Module`
+            The model, in eval mode.
+
+        Returns
+        -------
+        list of :py:obj:`zennit.canonizers.Canonizer`
+            The registered instances, which may be removed in any order.
+
+        Raises
+        ------
+        ValueError
+            If the model cannot be traced, or the cut names nothing of it.
+        RuntimeError
+            If the model is in training mode or canonized by a canonizer that is still registered.
+        '''
+        require_eval(root_module)
+        rewritten = [name or 'the model' for name, module in root_module.named_modules()
+                     if 'forward' in vars(module) or module in REWRITTEN]
+        if rewritten:
+            # tracing a forward another canonizer rewrote would bake its modules into the compiled forward
+            raise RuntimeError(f'{rewritten[0]!r} of {type(root_module).__name__} already has a rewritten forward (is '
+                               'another canonizer still registered on this model? nested composite contexts are not '
+                               'supported): remove it first')
+        compiled = compiled_for(root_module)
+        cut = compiled.catalog.resolve(self._cut)
+        modules = dict(root_module.named_modules())
+        for name in compiled.merged:
+            check_batch_norm(modules[name])
+        self._warn(root_module, compiled)
+        instance = type(self)()
+        instances: List[Canonizer] = [instance]
+        try:
+            instance.register(root_module, modules, compiled)
+            instance.owner = self
+            self._instances.append(instance)
+            instance.patch.on_undo(lambda: self._instances.remove(instance))
+            instance.update(cut)
+            # zennit 1.0's rules swap parameter objects while applied: put the model's own back on removal
+            instances += RestoreSwappedParameters().apply(root_module)
+        except BaseException:
+            remove_all(instances)
+            raise
+        return instances
+
+    def layer_cuts(self, root_module: torch.nn.Module, layers: Iterable[str]) -> Dict[str, Branches]:
+        '''The cut that makes all relevance reaching the input pass through every one of ``layers``, as
+        :py:meth:`canonizers.family.FamilyCanonizer.layer_cuts` (see :py:func:`graph_cuts_for`).'''
+        return compiled_for(root_module).table.layer_cuts(list(layers))
+
+    def blocks(self, root_module: torch.nn.Module) -> Dict[str, Tuple[str, ...]]:
+        '''The names that cuts of ``root_module`` may use, and the branches of each.'''
+        return dict(compiled_for(root_module).catalog.blocks)
+
+    @staticmethod
+    def _warn(root_module: torch.nn.Module, compiled: Compiled) -> None:
+        # one warning per kind, listing every place: a transformer has dozens of attention products
+        model = type(root_module).__name__
+        pre_hooks = [name for name in compiled.hooked if root_module.get_submodule(name)._forward_pre_hooks]
+        if pre_hooks:
+            warnings.warn(f'GraphCanonizer inlines the forward of {_listing(pre_hooks)} of {model}: forward hooks '
+                          'still run, forward pre-hooks do not', stacklevel=3)
+        unmerged = compiled.batch_norms.unmerged
+        if unmerged:
+            warnings.warn(f'GraphCanonizer cannot merge {_count(unmerged, "batch norm")} of {model}, which stay as '
+                          'they are (relevance through them is not conserved): ' + '; '.join(
+                              f'batch norm {name!r}: {reason}' for name, reason in unmerged.items()), stacklevel=3)
+        if compiled.whole:
+            warnings.warn(f'GraphCanonizer keeps {_listing(compiled.whole)} of {model} whole: torch.fx cannot trace '
+                          'through them (timm marks them not traceable), so paths inside them are neither canonized '
+                          'nor cut', stacklevel=3)
+        if compiled.unsupported:
+            places = [f'a {reason} in {holder or "the forward"!r}' for holder, reason in compiled.unsupported]
+            warnings.warn(f'GraphCanonizer leaves {_count(places, "operation")} of parallel paths of {model} as they '
+                          f'are (no rule applies to them, and they cannot be cut): {_listing(places, quote=False)}',
+                          stacklevel=3)
+
+    def register(self, root_module: torch.nn.Module, modules: Mapping[str, torch.nn.Module],
+                 compiled: Compiled) -> None:
+        '''Install the compiled forward, its modules and the batch-norm merges on ``root_module``.'''
+        self.compiled = compiled
+        self.modules = modules
+        patch = self.patch
+        try:
+            for name, value in compiled.constants.items():
+                patch.set_attribute(root_module, name, value)
+            thresholds = self._merge(modules, compiled)
+            for slot in compiled.program.slots:
+                module = thresholds[slot.source] if slot.kind == 'threshold' else slot.build()
+                patch.set_attribute(modules[slot.holder], slot.attribute, module.train(root_module.training))
+            patch.set_attribute(root_module, 'forward', compiled.program.forward.__get__(root_module))
+            REWRITTEN.claim(patch, root_module)
+        except BaseException:
+            patch.undo()
+            raise
+
+    def _merge(self, modules: Mapping[str, torch.nn.Module], compiled: Compiled) -> Dict[str, torch.nn.Module]:
+        '''Merge the batch norms; return the threshold ReLUs of those the forward calls as added modules.'''
+        plan, patch = compiled.batch_norms, self.patch
+        thresholds = {}
+        # the merged values are functions of the original parameters where the zennit version lets them be
+        # installed so (see canonizers.merging)
+        with torch.enable_grad() if RULES_ASSIGN_PARAMETERS else torch.no_grad():
+            affine = {name: batch_norm_affine(modules[name]) for name in compiled.merged}
+            before = {}
+            for name, pre in plan.pre_activations.items():
+                scale, shift = affine[name]
+                if pre.relu is not None or pre.attribute is not None:
+                    like = modules[pre.linears[0]].weight
+                    relu, scale, shift = threshold_relu(scale, shift, like)
+                    if pre.attribute is not None:
+                        parent = modules[pre.attribute[0]]
+                        original = getattr(parent, pre.attribute[1])
+                        patch.set_attribute(parent, pre.attribute[1], relu.train(original.training))
+                    else:
+                        thresholds[name] = relu
+                before[name] = (scale, shift)
+            for name, linear in plan.linears.items():
+                after = None
+                if linear.after is not None:
+                    source, start, stop = linear.after
+                    scale, shift = affine[source]
+                    after = (scale[start:stop], shift[start:stop])
+                merge_around_linear(patch, modules[name], before.get(linear.before), after)
+        for name in compiled.merged:
+            make_identity(patch, modules[name])
+        return thresholds
+
+    def update(self, cut: ResolvedCut) -> None:
+        '''Set the gradient masks of the merges for a resolved cut.'''
+        pairs = self.compiled.table.pairs
+        for slot in self.compiled.program.slots:
+            if slot.merge >= 0:
+                getattr(self.modules[slot.holder], slot.attribute).mask = cut.mask(pairs[slot.merge])
+
+    def remove(self) -> None:
+        '''Restore the model bitwise.'''
+        self.patch.undo()
+        self.modules = {}
+
+
+def _count(items: Sized, noun: str) -> str:
+    return f'{len(items)} {noun}{"s" if len(items) != 1 else ""}'
+
+
+def _listing(items: Sequence[str], limit: int = 5, quote: bool = True) -> str:
+    shown = [repr(item) if quote else item for item in items[:limit]]
+    return ', '.join(shown) + (f', ... ({len(items)} in all)' if len(items) > limit else '')
+
+
+def graph_cuts_for(model: torch.nn.Module, conditions: Sequence[Mapping[str, object]],
+                   output: str = 'y') -> List[Dict[str, Branches]]:
+    '''For each CRP condition, the cut of :py:class:`GraphCanonizer` that makes all relevance reaching the input pass
+    through every conditioned layer: every input of a merge after a conditioned layer that does not depend on it.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model (not canonized).
+    conditions: sequence of mappings
+        CRP conditions, layer names to concepts; the key ``output`` names the model output and is left out.
+    output: str
+        The name of the model output in the conditions.
+
+    Returns
+    -------
+    list of dict
+        Per condition, names and branches to cut; ``{}`` where nothing needs cutting. On the models of the family
+        canonizers, the names and branches are theirs (``{"layer3.0": "skip"}``).
+
+    Raises
+    ------
+    ValueError
+        If the model cannot be traced, a layer is unknown, not called, called at several places, replaced while
+        canonized or computes a constant gate, relevance can go around a layer through an operation that cannot be
+        cut, or two layers of one condition lie in parallel paths.
+    '''
+    table = compiled_for(model).table
+    return [table.layer_cuts([name for name in condition if name != output]) for condition in conditions]

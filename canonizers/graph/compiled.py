@@ -1,0 +1,103 @@
+'''Everything the graph canonizer derives from a model's structure, computed once per model and cached.'''
+import weakref
+from typing import Any, List, Tuple
+
+import torch
+import torch.fx
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from ..lifecycle import REWRITTEN
+from .analysis import Analysis
+from .batchnorms import BatchNormPlan
+from .cutting import CutTable
+from .program import Program
+from .tracer import TraceFailure, trace
+
+#: the family canonizers, named in messages about models the graph canonizer cannot trace
+FAMILIES = 'ResNetCanonizer, DenseNetCanonizer, EfficientNetCanonizer or MobileNetCanonizer'
+
+
+class Compiled:
+    '''The canonized forward of one model, its batch-norm merges, and its cut table, found from the traced graph.
+
+    Holds names, not the model's modules, so that caching it per model keeps no model alive.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model (in its uncanonized state); it is traced, not changed.
+
+    Raises
+    ------
+    ValueError
+        If ``torch.fx`` cannot trace the model; the message quotes the tracing error.
+    '''
+    def __init__(self, model: torch.nn.Module) -> None:
+        try:
+            graph, self.constants, opaque = trace(model)
+        except TraceFailure as failure:
+            raise ValueError(f'GraphCanonizer cannot canonize {type(model).__name__}: {failure}. Make its forward '
+                             f'traceable (no control flow on tensor values), or use a family canonizer if one fits '
+                             f'({FAMILIES})') from failure.cause
+        analysis = Analysis(model, graph)
+        #: modules kept whole, with parallel paths inside them out of reach
+        self.whole = [node.target for node in analysis.nodes if isinstance(analysis.module(node), opaque)
+                      and not isinstance(analysis.module(node), (_BatchNorm, _ConvNd))]
+        self.batch_norms = BatchNormPlan(analysis)
+        replaced = {
+            f'{parent}.{attribute}' if parent else attribute: (
+                f'{parent}.{attribute}' if parent else attribute) + ' is replaced by a threshold ReLU while '
+            'canonized (its batch norm is merged into the layer after it), so the canonized model never calls it: '
+            'condition on the batch norm or the layer after it instead'
+            for parent, attribute in (plan.attribute for plan in self.batch_norms.pre_activations.values()
+                                      if plan.attribute is not None)
+        }
+        self.table = CutTable(analysis, replaced)
+        self.catalog = self.table.catalog()
+        hooked = self._hooked(analysis, self.table)
+        #: the inlined modules whose forward hooks the canonized forward calls
+        self.hooked = [name for name, _, _ in hooked]
+        self.program = Program(analysis, self.batch_norms, hooked)
+        self.merged = sorted({plan.after[0] for plan in self.batch_norms.linears.values() if plan.after}
+                             | set(self.batch_norms.pre_activations))
+        self.unsupported = [(analysis.holder(node), reason) for node, reason, _ in analysis.unsupported]
+        # keep names only: the cache must not keep the model alive
+        analysis.release()
+
+    @staticmethod
+    def _hooked(analysis: Analysis, table: CutTable) -> List[Tuple[str, torch.fx.Node, List[torch.fx.Node]]]:
+        '''The inlined modules (called once, one output) whose forward hooks the canonized forward calls.'''
+        hooked = []
+        for name, exits in table.exits.items():
+            if not name or name in analysis.calls or len(exits) != 1:
+                continue
+            inputs: List[torch.fx.Node] = []
+            for node in analysis.nodes:
+                if table.inside(node, name):
+                    for source in analysis.dependencies(node):
+                        if source in analysis.signals and not table.inside(source, name) and source not in inputs:
+                            inputs.append(source)
+            hooked.append((name, exits[0], inputs))
+        return hooked
+
+
+_CACHE: 'weakref.WeakKeyDictionary[torch.nn.Module, Tuple[Any, Compiled]]' = weakref.WeakKeyDictionary()
+
+
+def compiled_for(model: torch.nn.Module) -> Compiled:
+    '''The :py:class:`Compiled` of ``model``, computed once per model (again when its modules change).'''
+    cached = _CACHE.get(model)
+    if cached is not None and model in REWRITTEN:
+        # canonized by a graph canonizer (which claims the model itself): its modules are not the model's own now
+        return cached[1]
+    key = tuple((id(module), type(module)) for module in model.modules())
+    if cached is None or cached[0] != key:
+        cached = (key, Compiled(model))
+        _CACHE[model] = cached
+    return cached[1]
+
+
+def clear_cache(model: torch.nn.Module) -> None:
+    '''Forget the compiled forward of ``model`` (e.g. after changing attributes its forward branches on).'''
+    _CACHE.pop(model, None)

@@ -1,0 +1,151 @@
+'''Modules and functions that the graph canonizer puts into a traced forward.'''
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from zennit.types import Activation
+
+from ..masked_sum import mask_gradient
+
+
+def stack_summands(*summands: torch.Tensor) -> torch.Tensor:
+    '''Stack the summands of a sum on a new last dimension, broadcast to one shape first if they differ (as ``+``
+    broadcasts), for a :py:class:`~canonizers.MaskedSum` over that dimension.'''
+    if any(summand.shape != summands[0].shape for summand in summands[1:]):
+        summands = torch.broadcast_tensors(*summands)
+    return torch.stack(summands, dim=-1)
+
+
+class MaskedConcatenation(torch.nn.Module):
+    '''``torch.cat`` (or ``torch.stack``) of several inputs, with a gradient mask per input, so that the paths
+    entering a concatenation can be cut.
+
+    Parameters
+    ----------
+    inputs: int
+        The number of inputs.
+    dim: int
+        The dimension to concatenate along.
+    stack: bool
+        Stack (``torch.stack``) instead of concatenating.
+
+    Attributes
+    ----------
+    mask: :py:obj:`torch.Tensor` or None
+        ``None`` (nothing cut), or a mask over the inputs of shape ``[n]`` (all samples) or ``[batch, n]`` (per
+        sample), 0 where no gradient flows into the input.
+    '''
+    def __init__(self, inputs: int, dim: int = 0, stack: bool = False) -> None:
+        super().__init__()
+        self.inputs = inputs
+        self.dim = dim
+        self.stack = stack
+        self._mask: Optional[torch.Tensor] = None
+        self._cast: Dict[tuple, List[Optional[torch.Tensor]]] = {}
+
+    @property
+    def mask(self) -> Optional[torch.Tensor]:
+        '''The mask over the inputs, or None.'''
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: Optional[torch.Tensor]) -> None:
+        if value is not None and bool((value == 1).all()):
+            value = None
+        self._mask = value
+        self._cast = {}
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        '''Concatenate ``inputs``, masking the gradient into each.'''
+        if self._mask is not None and torch.is_grad_enabled():
+            columns = self._columns(inputs[0])
+            inputs = tuple(input if column is None else mask_gradient(input, column)
+                           for input, column in zip(inputs, columns))
+        return (torch.stack if self.stack else torch.cat)(inputs, self.dim)
+
+    def _columns(self, like: torch.Tensor) -> List[Optional[torch.Tensor]]:
+        mask = self._mask
+        if mask.shape[-1] != self.inputs:
+            raise ValueError(f'mask of shape {tuple(mask.shape)} does not fit the inputs of the concatenation')
+        batch = like.shape[0]
+        if mask.ndim == 2 and mask.shape[0] != batch:
+            raise ValueError(f'per-sample mask for {mask.shape[0]} samples, but the batch holds {batch} samples: give '
+                             'one cut per sample')
+        # cached as the inputs need them: a transfer in every forward would cost a sync on GPUs
+        key = (like.device, like.dtype, like.ndim, batch if mask.ndim == 2 else None)
+        if key not in self._cast:
+            cast = mask.to(device=like.device, dtype=like.dtype)
+            shape = (batch,) + (1,) * (like.ndim - 1)
+            self._cast[key] = [
+                None if bool((column == 1).all()) else column.reshape(shape if mask.ndim == 2 else ())
+                for column in cast.unbind(-1)
+            ]
+        return self._cast[key]
+
+    def extra_repr(self) -> str:
+        return f'inputs={self.inputs}, dim={self.dim}' + (', stack=True' if self.stack else '')
+
+
+class Scale(torch.nn.Module, Activation):
+    '''``input * factor`` (or ``input / factor``) with a factor that does not depend on the input: a layer scale, the
+    scalar of a normalizer-free network, a constant.
+
+    As a linear map with a constant diagonal weight, LRP passes the relevance through it unchanged (the z-rule gives
+    ``R_input = input * factor * R_output / (input * factor) = R_output``); left to autograd, the relevance would be
+    multiplied by the factor. The module declares itself an activation (:py:class:`zennit.types.Activation`), to
+    which zennit's LRP composites attach their pass-through rule. The factor is a keyword argument, as the gate of
+    :py:class:`~canonizers.ConstantGate`, so that zennit's hooks see the input alone; unlike a gate, gradients reach it
+    (a layer scale stays trainable). The factor must not broadcast the input to a larger shape (relevance passed
+    unchanged must fit the input); scalings in CNNs (per channel, scalar) do not.
+
+    Parameters
+    ----------
+    divide: bool
+        Divide by the factor instead of multiplying.
+    '''
+    def __init__(self, divide: bool = False) -> None:
+        super().__init__()
+        self.divide = divide
+
+    def forward(self, input: torch.Tensor, *, factor: Union[torch.Tensor, float]) -> torch.Tensor:
+        '''Scale ``input`` by ``factor``, bitwise as the operation it replaces.'''
+        return input / factor if self.divide else input * factor
+
+    def extra_repr(self) -> str:
+        return 'divide=True' if self.divide else ''
+
+
+class GlobalMeanPool(torch.nn.AdaptiveAvgPool2d):
+    '''``input.mean(dims, keepdim)`` over the spatial dimensions, as a module: an average pool to zennit (its
+    composites attach their rule for average pools), and bitwise the mean it replaces.
+
+    Parameters
+    ----------
+    dims: tuple of int
+        The dimensions to average over.
+    keepdim: bool
+        Whether to keep them, with size 1.
+    '''
+    def __init__(self, dims: Sequence[int], keepdim: bool = False) -> None:
+        super().__init__(1)
+        self.dims = tuple(dims)
+        self.keepdim = keepdim
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input.mean(self.dims, keepdim=self.keepdim)
+
+    def extra_repr(self) -> str:
+        return f'dims={self.dims}, keepdim={self.keepdim}'
+
+
+def call_forward_hooks(module: torch.nn.Module, args: Tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    '''Run the forward hooks of ``module`` on ``output``, as ``module(*args)`` would: the traced forward no longer
+    calls the blocks whose forwards it inlines, and hooks on them (CRP's recording and masking) must still fire.'''
+    hooks = module._forward_hooks
+    if not hooks:
+        return output
+    with_kwargs = getattr(module, '_forward_hooks_with_kwargs', {})
+    for key, hook in list(hooks.items()):
+        result = hook(module, args, {}, output) if key in with_kwargs else hook(module, args, output)
+        if result is not None:
+            output = result
+    return output

@@ -1,0 +1,192 @@
+'''The canonized forward of a traced model, compiled once per model: the graph with its merges routed through masked
+modules, its gates constant, its functional operations as modules, and the forward hooks of the blocks it inlines
+still called.'''
+import copy
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.fx
+
+from ..gates import ConstantGate
+from ..masked_sum import MaskedSum
+from .analysis import Analysis
+from .batchnorms import BatchNormPlan
+from .modules import MaskedConcatenation, Scale, call_forward_hooks, stack_summands
+
+
+class Slot(NamedTuple):
+    '''A module the canonized forward calls that the model does not hold, added while canonized.
+
+    Attributes
+    ----------
+    holder: str
+        Name of the module it is added to (``""``: the model).
+    attribute: str
+        Its attribute name there.
+    kind: str
+        ``"sum"``, ``"concatenation"``, ``"gate"``, ``"module"`` (a copy of ``prototype``) or ``"threshold"`` (the
+        threshold ReLU of the pre-activation batch norm ``source``).
+    merge: int
+        The number of the merge whose mask it holds (sums and concatenations), else -1.
+    prototype: :py:obj:`torch.nn.Module`, optional
+        The module to copy (kind ``"module"``), or the concatenation's settings.
+    source: str
+        The batch norm whose threshold ReLU this is (kind ``"threshold"``).
+    '''
+    holder: str
+    attribute: str
+    kind: str
+    merge: int = -1
+    prototype: Optional[torch.nn.Module] = None
+    source: str = ''
+
+    @property
+    def path(self) -> str:
+        '''The name of the module in the model while canonized.'''
+        return f'{self.holder}.{self.attribute}' if self.holder else self.attribute
+
+    def build(self) -> torch.nn.Module:
+        '''A fresh module for this slot (threshold ReLUs are built from the batch norm's values instead).'''
+        if self.kind == 'sum':
+            return MaskedSum(dim=-1)
+        if self.kind == 'gate':
+            return ConstantGate()
+        return copy.deepcopy(self.prototype)
+
+
+class Program:
+    '''The canonized forward of one model and the modules it needs.
+
+    Parameters
+    ----------
+    analysis: :py:class:`~canonizers.graph.analysis.Analysis`
+        The traced model; its graph is rewritten in place.
+    batch_norms: :py:class:`~canonizers.graph.batchnorms.BatchNormPlan`
+        The batch-norm merges (their ReLUs become threshold ReLUs).
+    hooked: sequence of (str, :py:obj:`torch.fx.Node`, list of :py:obj:`torch.fx.Node`)
+        The inlined modules whose forward hooks the forward calls: name, exit node and input nodes.
+
+    Attributes
+    ----------
+    forward: callable
+        The forward, to be bound to the model.
+    slots: list of :py:class:`Slot`
+        The modules to add.
+    '''
+    def __init__(self, analysis: Analysis, batch_norms: BatchNormPlan,
+                 hooked: List[Tuple[str, torch.fx.Node, List[torch.fx.Node]]]) -> None:
+        self.analysis = analysis
+        self.graph = analysis.graph
+        self.slots: List[Slot] = []
+        self._taken: Dict[str, set] = {}
+        self.scope = dict(analysis.scope)
+        self.current: Dict[torch.fx.Node, torch.fx.Node] = {}
+        thresholds = {plan.relu: name for name, plan in batch_norms.pre_activations.items()
+                      if plan.relu is not None and plan.attribute is None}
+        self._conversions(thresholds)
+        self._scales()
+        self._gates()
+        self._merges()
+        self._hooks(hooked)
+        self.forward = self._compile()
+
+    def _slot(self, holder: str, base: str, kind: str, **fields: Any) -> Slot:
+        module = self.analysis.modules[holder]
+        taken = self._taken.setdefault(holder, set())
+        attribute, number = base, 0
+        while attribute in taken or hasattr(module, attribute):
+            number += 1
+            attribute = f'{base}_{number}'
+        taken.add(attribute)
+        slot = Slot(holder, attribute, kind, **fields)
+        self.slots.append(slot)
+        return slot
+
+    def _node(self, node: torch.fx.Node) -> torch.fx.Node:
+        while node in self.current:
+            node = self.current[node]
+        return node
+
+    def _replace(self, old: torch.fx.Node, new: torch.fx.Node) -> None:
+        self.scope[new] = self.scope[old]
+        old.replace_all_uses_with(new)
+        self.graph.erase_node(old)
+        self.current[old] = new
+
+    def _call(self, before: torch.fx.Node, slot: Slot, args: tuple, kwargs: Optional[dict] = None) -> torch.fx.Node:
+        with self.graph.inserting_before(before):
+            return self.graph.call_module(slot.path, args, kwargs or {})
+
+    def _conversions(self, thresholds: Dict[torch.fx.Node, str]) -> None:
+        analysis = self.analysis
+        for node in thresholds:
+            if node.op == 'call_module':
+                # a ReLU module called at several places: only this call becomes a threshold ReLU
+                slot = self._slot(analysis.holder(node), 'canonizer_relu', 'threshold', source=thresholds[node])
+                node.target = slot.path
+        for node, module in analysis.conversions.items():
+            if node in thresholds:
+                slot = self._slot(analysis.holder(node), 'canonizer_relu', 'threshold', source=thresholds[node])
+            else:
+                slot = self._slot(analysis.holder(node), f'canonizer_{type(module).__name__.lower()}', 'module',
+                                  prototype=module)
+            input = analysis.conversion_inputs.get(node, node.args[0])
+            self._replace(node, self._call(node, slot, (self._node(input),)))
+        for _, sigmoid in analysis.swishes.values():
+            # the sigmoid of x * sigmoid(x), now computed by the SiLU module, unless something else reads it
+            if not sigmoid.users:
+                self.graph.erase_node(sigmoid)
+
+    def _scales(self) -> None:
+        for node, (input, factor, divide) in self.analysis.scales.items():
+            slot = self._slot(self.analysis.holder(node), 'canonizer_scale', 'module', prototype=Scale(divide))
+            if isinstance(factor, torch.fx.Node):
+                factor = self._node(factor)
+            self._replace(node, self._call(node, slot, (self._node(input),), {'factor': factor}))
+
+    def _gates(self) -> None:
+        for gate in self.analysis.gates:
+            slot = self._slot(gate.holder, 'canonizer_gate', 'gate')
+            new = self._call(gate.node, slot, (self._node(gate.signal),), {'gate': self._node(gate.gate)})
+            self._replace(gate.node, new)
+
+    def _merges(self) -> None:
+        for number, merge in enumerate(self.analysis.merges):
+            inputs = tuple(self._node(input) for input in merge.inputs)
+            if merge.kind == 'sum':
+                slot = self._slot(merge.holder, 'canonizer_sum', 'sum', merge=number)
+                with self.graph.inserting_before(merge.node):
+                    stacked = self.graph.call_function(stack_summands, inputs)
+                self.scope[stacked] = self.scope[merge.node]
+                new = self._call(merge.node, slot, (stacked,))
+            else:
+                slot = self._slot(merge.holder, 'canonizer_concatenation', 'concatenation', merge=number,
+                                  prototype=MaskedConcatenation(len(inputs), merge.dim, merge.stack))
+                new = self._call(merge.node, slot, inputs)
+            self._replace(merge.node, new)
+            for node in reversed(merge.absorbed):
+                self.graph.erase_node(node)
+
+    def _hooks(self, hooked: List[Tuple[str, torch.fx.Node, List[torch.fx.Node]]]) -> None:
+        # innermost first: the hooks of a block run before those of the blocks around it, as in the eager forward
+        for name, exit, inputs in sorted(hooked, key=lambda item: -item[0].count('.')):
+            exit = self._node(exit)
+            outside = [user for user in exit.users if name not in self.scope.get(user, ())]
+            if not outside:
+                continue
+            with self.graph.inserting_after(exit):
+                module = self.graph.get_attr(name)
+            with self.graph.inserting_after(module):
+                hooks = self.graph.call_function(
+                    call_forward_hooks, (module, tuple(self._node(input) for input in inputs), exit))
+            self.scope[module] = self.scope[hooks] = tuple(part for part in self.scope[exit] if part != name)
+            for user in outside:
+                user.replace_input_with(exit, hooks)
+            # a block around this one with the same output takes it after these hooks ran
+            self.current[exit] = hooks
+
+    def _compile(self) -> Callable:
+        code = self.graph.python_code(root_module='self')
+        namespace = dict(code.globals)
+        exec(compile(code.src, '<canonizers.graph>', 'exec'), namespace)
+        return namespace['forward']
