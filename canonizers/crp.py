@@ -145,7 +145,9 @@ def cuts_for(
     path cuts the block's residual branch; the block itself, and layers outside blocks with parallel paths, cut
     nothing (but a DenseNet dense layer, whose output is its transforming branch alone, cuts its own skip). The
     layers of one condition cut the union of their cuts. The rules are the ``layer_cuts`` of the family canonizers of
-    this package that fit the model (:py:func:`canonizers.registry.families_for`).
+    this package that fit the model (:py:func:`canonizers.registry.families_for`); on any other model torch.fx can
+    trace, those of :py:class:`~canonizers.GraphCanonizer` (:py:func:`canonizers.graph.graph_cuts_for`: every input
+    of a merge after a conditioned layer that does not depend on it).
 
     Parameters
     ----------
@@ -161,8 +163,8 @@ def cuts_for(
     -------
     list of dict of str to str
         Per condition, the blocks to cut and the branch (``"skip"`` or ``"residual"``) to cut; ``{}`` where nothing
-        needs cutting. Each can be passed as the ``cut`` of the family canonizer, or all together as a
-        :py:class:`~canonizers.PerSampleCut`.
+        needs cutting. Each can be passed as the ``cut`` of the family canonizer (of GraphCanonizer on other models),
+        or all together as a :py:class:`~canonizers.PerSampleCut`.
 
     Raises
     ------
@@ -170,12 +172,21 @@ def cuts_for(
         If a condition names a layer that is not a module of the model, or two layers in parallel branches of one
         block (no cut makes relevance pass through both); the message names the condition, the layers and the block.
     '''
+    if not families_for(model):
+        # any other model torch.fx can trace: the general rule of the graph canonizer
+        from .graph import graph_cuts_for
+
+        return graph_cuts_for(model, conditions, output_name)
     return _LayerCuts(model)(conditions, output_name)
 
 
 def layer_cut(model: torch.nn.Module, layers: Sequence[str]) -> Dict[str, str]:
     '''The cut that isolates a condition on ``layers``, as :py:func:`cuts_for` gives it for one condition; errors name
     the layers without the condition around them.'''
+    if not families_for(model):
+        from .graph import GraphCanonizer
+
+        return GraphCanonizer().layer_cuts(model, list(layers))
     return _LayerCuts(model).cut_of(list(layers))
 
 

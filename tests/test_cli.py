@@ -5,7 +5,6 @@ import csv
 import io
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from canonizers import ResNetCanonizer, cli
 from canonizers.cli import explaining  # noqa: F401 (the module whose progress bar the tests record)
 from canonizers.demo import CLASSES, load_demo_model, sample_images
+from canonizers.evaluation import randomize_batch_norms
 from canonizers.leakage import leaked_share
 
 pytest.importorskip('crp')
@@ -358,7 +358,7 @@ def test_explain_errors_are_one_line_with_status_2(files, tmp_path, case):
     ('densenet121', 'features.denseblock2.denselayer3.relu1', 'is replaced by a ThresholdReLU while the model is'),
     ('efficientnet_b0', 'features.2.1.stochastic_depth', 'takes no part in the forward pass of the model canonized'),
     ('efficientnet_b0', 'features.2.1.block.2.fc1', 'computes the gate of squeeze-and-excitation block'),
-    ('regnet_y_400mf', 'trunk_output.block1.block1-0.f.a', 'is not supported (yet)'),
+    ('regnet_y_400mf', 'trunk_output.block1.block1-0.f.se.fc1', "computes the gate of 'mul'"),
 ])
 def test_explain_layers_without_concepts_are_one_line_with_status_2(files, tmp_path, model, layer, expected):
     weights = tmp_path / 'weights.pt'
@@ -376,17 +376,26 @@ def test_demo_with_a_layer_it_cannot_explain_writes_nothing(tmp_path):
     assert not (tmp_path / 'demo').exists()
 
 
-@pytest.mark.parametrize('model, merges', [
-    ('regnet_y_400mf', r'16 products, 16 sums'), ('googlenet', '9 concatenations'), ('convnext_tiny', '18 sums'),
-    ('mnasnet0_5', '10 sums'), ('shufflenet_v2_x0_5', '16 concatenations'), ('swin_t', '24 sums'),
-    ('vit_b_16', '24 sums'),
+@pytest.mark.parametrize('model, block, branches', [
+    ('googlenet', 'inception3a', '0, 1, 2, 3'), ('regnet_y_400mf', 'trunk_output.block2.block2-0', 'skip, residual'),
+    ('convnext_tiny', 'features.1.0', 'skip, residual'), ('mnasnet0_5', 'layers.8.1', 'skip, residual'),
+    ('shufflenet_v2_x0_5', 'stage2.1', '0, 1'), ('vit_b_16', 'encoder.layers.encoder_layer_0', 'skip, residual'),
+    ('timm:resnet50d', 'layer3.0', 'skip, residual'),
 ])
-def test_blocks_of_models_with_parallel_paths_no_canonizer_covers(model, merges):
-    # never "no parallel path to cut" on a model whose paths meet outside every canonizer's blocks
+def test_blocks_of_other_models_are_the_graph_canonizer_s(model, block, branches):
     status, stdout, stderr = run('blocks', model)
-    assert status == 2 and not stdout
-    assert re.search(rf"model '{model}' is not supported \(yet\): it has {merges} of parallel paths", stderr)
-    assert len(stderr.strip().splitlines()) == 1
+    assert status == 0, stderr
+    assert stdout.startswith(f'{model}: GraphCanonizer')
+    rows = [line for line in stdout.splitlines() if line.startswith(block + ' ') or line.startswith(block + ':')]
+    assert rows and branches in rows[0]
+
+
+def test_blocks_timm_resnet50d_lists_its_blocks():
+    status, stdout, _ = run('blocks', 'timm:resnet50d')
+    assert status == 0
+    rows = [line for line in stdout.splitlines() if line.startswith('layer') and 'Bottleneck' in line]
+    assert len(rows) == 16
+    assert 'residual: conv1 (128)' in next(row for row in rows if row.startswith('layer2.0 '))
 
 
 def test_blocks_of_a_model_without_parallel_paths():
@@ -475,3 +484,23 @@ def test_leaked_share_definition():
     # the leak cancels the isolated heatmap exactly: half of the mass leaked, where 1 - 0 / 0 is undefined
     assert leaked_share(torch.zeros(3), isolated) == pytest.approx(0.5)
     assert leaked_share(torch.tensor([2., -1., 2.]), isolated) == pytest.approx(1 / 5)
+
+
+def test_explain_a_timm_model_through_the_graph_canonizer(files, tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    # timm starts the last batch norm of each block at zero: random statistics, or no relevance passes the blocks
+    model = randomize_batch_norms(timm.create_model('resnet10t', pretrained=False, num_classes=10))
+    weights = tmp_path / 'resnet10t.pt'
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / 'out'
+    status, stdout, stderr = run('explain', '--model', 'timm:resnet10t', '--weights', weights, '--image', files['star'],
+                                 '--layer', 'layer3.0.conv2', '--top', '2', '--size', '64', '--out', out)
+    assert status == 0, stderr
+    assert 'isolation cuts layer3.0:skip' in stdout
+    rows = read_csv(out / 'heatmaps.csv')
+    assert len(rows) == 2 and all(row['cut'] == 'layer3.0:skip' for row in rows)
+    # the isolated heatmaps are CRP's exclude_parallel=True, and differ from the leaky ones
+    assert all(float(row['max_deviation']) < 1e-4 for row in rows)
+    assert all(float(row['leaked_share']) > 0.01 for row in rows)

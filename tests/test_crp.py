@@ -2,7 +2,6 @@
 computed one condition at a time (the oracle), and cut tables written by hand from the architectures.'''
 import math
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -22,6 +21,7 @@ from canonizers import (
     DenseNetCanonizer,
     EfficientNetCanonizer,
     ExactMergeBatchNorm,
+    GraphCanonizer,
     MobileNetCanonizer,
     PerSampleCut,
     ResNetBasicBlockCanonizer,
@@ -29,6 +29,7 @@ from canonizers import (
 )
 from canonizers.crp import IsolatingCondAttribution, cuts_for
 from canonizers.evaluation import randomize_batch_norms
+from canonizers.graph import graph_cuts_for
 from canonizers.partial_backward import PartialBackward
 
 TARGET = 3
@@ -339,17 +340,35 @@ def test_bad_condition_is_refused_and_nothing_changes(condition, message):
         cuts_for(model, [{'layer9.conv1': [0], 'y': [TARGET]}])
 
 
-@pytest.mark.parametrize('name, layer, merge', [
-    ('regnet_y_400mf', 'trunk_output.block2.block2-0.f.a',
-     "1 sum of parallel paths \\(in 'trunk_output.block2.block2-0'"),
-    ('googlenet', 'inception3a.branch2.0', "1 concatenation of parallel paths \\(in 'inception3a'\\)"),
-])
-def test_cuts_for_parallel_paths_no_canonizer_covers_are_not_supported(name, layer, merge):
-    # never "nothing to cut" where relevance goes around the layer: not supported, with what would work
-    model = getattr(torchvision.models, name)(num_classes=10).eval()
-    with pytest.raises(ValueError, match=f"relevance can go around '{re.escape(layer)}' through {merge}.*not "
-                                         r'supported \(yet\).*exclude_parallel=True'):
-        cuts_for(model, [{layer: [0], 'y': [1]}])
+class DataDependent(torch.nn.Module):
+    '''A model torch.fx cannot trace: its control flow depends on the data.'''
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + x if x.sum() > 0 else x
+
+
+def test_cuts_for_other_models_are_the_graph_canonizer_s():
+    model = googlenet()
+    data = make_input(dtype=torch.float64)
+    conditions = choose_conditions(model, data, [('inception3a.branch2.1.conv',), ('inception4e',)], EpsilonPlusFlat(
+        canonizers=[GraphCanonizer()]))
+    cuts = cuts_for(model, conditions)
+    assert cuts == graph_cuts_for(model, conditions)
+    assert cuts[0] and 'inception3a' in cuts[0]
+    # the two ways to isolation agree: cuts in one ordinary backward pass, and partial backward passes
+    batch = data.repeat(2, 1, 1, 1).detach().requires_grad_()
+    cut = CondAttribution(model, no_param_grad=False)(
+        batch, conditions, EpsilonPlusFlat(canonizers=[GraphCanonizer(cut=PerSampleCut(cuts))]),
+        exclude_parallel=False).heatmap
+    partial = IsolatingCondAttribution(model, no_param_grad=False)(
+        data, conditions, EpsilonPlusFlat(canonizers=[GraphCanonizer()])).heatmap
+    assert partial.abs().max() > 0
+    assert relative_error(cut, partial) < 1e-9
+    with pytest.raises(ValueError, match=r'trac'):
+        cuts_for(DataDependent().eval(), [{'conv': [0], 'y': [0]}])
 
 
 class OwnResidualBlock(torch.nn.Module):

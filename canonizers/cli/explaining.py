@@ -161,7 +161,7 @@ def csv_row(job: Job, path: Path, prediction: Prediction, concept: int, relevanc
         'max_deviation': '' if reference is None else result['deviation'],
         # empty where there is no relevance at all: nothing could leak, and 0% would claim that nothing did
         'leaked_share': '' if math.isnan(result['leaked_share']) else result['leaked_share'],
-        'cut': ' '.join(f'{block}:{branch}' for block, branch in result['cut'].items()),
+        'cut': cut_text(result['cut']),
     }
 
 
@@ -282,9 +282,18 @@ def format_table(rows: Sequence[Mapping[str, object]]) -> str:
     return '\n'.join([render(header), render(['-' * width for width in widths])] + [render(line) for line in lines])
 
 
+def cut_text(cut: Mapping[str, object]) -> str:
+    '''A cut as ``block:branch`` pairs (several branches of one block joined by ``+``).'''
+    return ' '.join(f'{block}:{branch if isinstance(branch, str) else "+".join(branch)}'
+                    for block, branch in cut.items())
+
+
 def report(job: Job, rows: Sequence[Mapping[str, object]], seconds: float) -> None:
     '''Print the table and where the results are.'''
-    cuts = sorted({str(row['cut']) for row in rows}) or ['']
+    from ..crp import layer_cut
+
+    # the cut of the layer also where no concept carries relevance (no rows)
+    cuts = sorted({str(row['cut']) for row in rows}) or [cut_text(layer_cut(job.loaded.model, [job.layer]))]
     print(f'model {job.loaded.name}, layer {job.layer}, composite {job.composite_name}; isolation cuts '
           f'{", ".join(cut or "nothing (no parallel path bypasses the layer)" for cut in cuts)}')
     print(format_table(rows))

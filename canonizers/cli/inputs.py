@@ -12,7 +12,7 @@ import torch
 
 from ..registry import families_for
 from .common import UsageError, check_readable, closest
-from .models import LoadedModel, unsupported
+from .models import LoadedModel, graph_canonizer
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------------
@@ -166,10 +166,11 @@ def parse_target(text: Optional[str], loaded: LoadedModel, classes: int) -> Opti
 
 def pick_family(loaded: LoadedModel, layer: Optional[str] = None) -> type:
     '''The family canonizer class for the model: the one that fits it, or of several the one whose blocks hold
-    ``layer``; never the first of several by chance.'''
+    ``layer``, never the first of several by chance; :py:class:`~canonizers.GraphCanonizer` for any other model
+    torch.fx can trace.'''
     families = families_for(loaded.model)
     if not families:
-        raise UsageError(unsupported(loaded.name, loaded.model))
+        return graph_canonizer(loaded.name, loaded.model)
     holding = [candidate for candidate in families
                if layer and any(layer.startswith(block + '.') for block in candidate.blocks(loaded.model))]
     if len(families) == 1 or len(holding) == 1:

@@ -6,11 +6,10 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from ..cuts import RESIDUAL, SKIP
 from ..family import FamilyCanonizer
 from ..registry import families_for
-from ..tracing import traced_merges
-from .common import UsageError
-from .models import build_architecture, check_model_name, unsupported
+from .models import build_architecture, check_model_name, graph_canonizer
 
 
 def block_layers(family: FamilyCanonizer, model: torch.nn.Module) -> Dict[str, Dict[str, List[str]]]:
@@ -30,11 +29,22 @@ def block_layers(family: FamilyCanonizer, model: torch.nn.Module) -> Dict[str, D
         branches = family.blocks(model)
         for block, cut_branches in cut.items():
             cut_branches = {cut_branches} if isinstance(cut_branches, str) else set(cut_branches)
+            # GraphCanonizer names the inputs of a merge by number, and by skip/residual where they split so
+            named = [branch for branch in branches.get(block, ()) if branch in (SKIP, RESIDUAL)]
             # the branch that holds the layer: the one its isolating cut leaves
-            held = '/'.join(branch for branch in branches.get(block, ()) if branch not in cut_branches) or '-'
+            held = '/'.join(branch for branch in named or branches.get(block, ())
+                            if branch not in cut_branches) or '-'
             channels = getattr(module, 'out_channels', getattr(module, 'out_features', '?'))
-            layers.setdefault(block, {}).setdefault(held, []).append(f'{name[len(block) + 1:]} ({channels})')
+            holder = _module_of(block)
+            relative = name[len(holder) + 1:] if holder and name.startswith(holder + '.') else name
+            layers.setdefault(block, {}).setdefault(held, []).append(f'{relative} ({channels})')
     return layers
+
+
+def _module_of(block: str) -> str:
+    '''The module that holds a block: GraphCanonizer names a merge by that module, with ``:k`` where it holds
+    several (``:k`` alone for the model's own forward).'''
+    return block.split(':')[0]
 
 
 def blocks_table(model: torch.nn.Module, families: Sequence[FamilyCanonizer], width: int) -> str:
@@ -48,10 +58,10 @@ def blocks_table(model: torch.nn.Module, families: Sequence[FamilyCanonizer], wi
         for block, branches in blocks.items():
             listing = [f'{branch}: {", ".join(names)}' for branch, names in layers.get(block, {}).items()]
             nested = any(other.startswith(block + '.') for other in blocks)
-            rows.append((block, type(modules[block]).__name__, ', '.join(branches),
+            rows.append((block, type(modules[_module_of(block)]).__name__, ', '.join(branches),
                          listing or ['- (see the blocks inside it)' if nested else '-']))
     # in the model's order, so that nested blocks follow the block that holds them
-    rows.sort(key=lambda row: order[row[0]])
+    rows.sort(key=lambda row: (order[_module_of(row[0])], row[0]))
     header = ('block', 'type', 'can cut', ['condition layers by branch (channels)'])
     rule = tuple('-' * len(text) for text in header[:3]) + (['-' * len(header[3][0])],)
     widths = [max(len(row[column]) for row in [header] + rows) for column in range(3)]
@@ -77,12 +87,11 @@ def command_blocks(args: argparse.Namespace) -> int:
     '''``canonizers blocks``.'''
     check_model_name(args.model)
     model = build_architecture(args.model)
-    families = families_for(model)
-    if not families:
-        if traced_merges(model):
-            # parallel paths no canonizer covers, or a model that cannot be traced (an error is truthy): not supported
-            raise UsageError(unsupported(args.model, model))
-        print(unsupported(args.model, model))
+    # a model no family canonizer fits: the graph canonizer, if torch.fx can trace it
+    families = families_for(model) or [graph_canonizer(args.model, model)()]
+    if not any(family.blocks(model) for family in families):
+        print(f'model {args.model!r} has no parallel paths (traced with torch.fx): CRP conditions on its layers need '
+              'no isolation, and there is nothing to cut')
         return 0
     width = shutil.get_terminal_size((120, 24)).columns
     print(f'{args.model}: {", ".join(type(family).__name__ for family in families)}')
@@ -101,5 +110,7 @@ def _example_layer(model: torch.nn.Module, families: Sequence[FamilyCanonizer]) 
     for family in families:
         for block, branches in block_layers(family, model).items():
             for names in branches.values():
-                return [f'{block}.{names[0].split(" ")[0]}']
+                holder = _module_of(block)
+                layer = names[0].split(' ')[0]
+                return [f'{holder}.{layer}' if holder and not layer.startswith(holder + '.') else layer]
     return []

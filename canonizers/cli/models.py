@@ -301,18 +301,16 @@ def _imagenet_categories(name: str, model: torch.nn.Module) -> Optional[Sequence
     return None
 
 
-def unsupported(name: str, model: torch.nn.Module) -> str:
-    '''What to say of a model no family canonizer fits: not supported where it has parallel paths, never that it
-    needs no isolation unless tracing showed it has none.'''
-    from ..tracing import TracingError, describe, traced_merges
+def graph_canonizer(name: str, model: torch.nn.Module) -> type:
+    ''':py:class:`~canonizers.GraphCanonizer` for a model no family canonizer fits, if torch.fx can trace it.'''
+    from ..graph import GraphCanonizer
+    from ..tracing import TracingError, traced_merges
 
     merges = traced_merges(model)
     if isinstance(merges, TracingError):
-        return (f'model {name!r} is not supported (yet): no canonizer of this package rewrites its blocks, and '
-                f'{merges}, so whether relevance bypasses its layers is unknown')
-    if merges:
-        return (f'model {name!r} is not supported (yet): it has {describe(merges)}, which no canonizer of this package '
-                "covers; canonizers.crp.IsolatingCondAttribution (as crp's exclude_parallel=True) isolates conditions "
-                'on any model')
-    return (f'model {name!r} has no parallel paths (traced with torch.fx): CRP conditions on its layers need no '
-            'isolation, and there is nothing to cut')
+        from ..registry import FAMILIES
+
+        families = ', '.join(cls.__name__ for cls in FAMILIES.values())
+        raise UsageError(f'model {name!r} is not supported: {merges}, so GraphCanonizer cannot canonize it, and no '
+                         f'family canonizer ({families}) rewrites its blocks')
+    return GraphCanonizer
