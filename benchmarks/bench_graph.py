@@ -15,6 +15,7 @@ import torch
 import torchvision
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlusFlat
+from zennit.torchvision import ResNetCanonizer as ZennitResNetCanonizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import interleaved, median, table  # noqa: E402
@@ -70,8 +71,10 @@ def main() -> None:
         variants = {'graph': GraphCanonizer}
         if family is not None:
             variants['family'] = family
+        # the bound for applying: at most 3x zennit's own ResNetCanonizer
+        zennit_variant = {'zennit': ZennitResNetCanonizer} if family is ResNetCanonizer else {}
         applying = interleaved({label: (lambda make=make, model=model: apply_and_remove(model, make()))
-                                for label, make in variants.items()}, args.repeats, device)
+                                for label, make in {**variants, **zennit_variant}.items()}, args.repeats * 4, device)
         attributing = interleaved({label: (lambda make=make, model=model, data=data: attribute(model, data, [make()]))
                                    for label, make in variants.items()}, args.repeats, device)
         ratio = statistics.median(graph / other for graph, other in zip(attributing['graph'], attributing['family'])
@@ -81,12 +84,15 @@ def main() -> None:
         rows.append([
             name, f'{first * 1e3:.0f}', f'{median(applying["graph"]) * 1e3:.1f}',
             f'{median(applying["family"]) * 1e3:.1f}' if family is not None else '-',
+            f'{median(applying["zennit"]) * 1e3:.1f} ({median(applying["graph"]) / median(applying["zennit"]):.2f}x)'
+            if zennit_variant else '-',
             f'{median(attributing["graph"]) * 1e3:.0f}', f'{ratio:.3f}' if ratio is not None else '-',
             f'{conservation(exact, exact_data, TARGET, [GraphCanonizer()]):.12f}',
         ])
     print(f'{args.size}x{args.size}, batch 1, EpsilonPlusFlat, device {args.device}, torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads, {args.repeats} interleaved repeats (medians)')
-    print(table(['model', 'first apply ms (traced)', 'apply+remove ms', 'family apply+remove ms', 'attribution ms',
+    print(table(['model', 'first apply ms (traced)', 'apply+remove ms', 'family apply+remove ms',
+                 'zennit ResNetCanonizer apply+remove ms (graph / zennit)', 'attribution ms',
                  'attribution / family', 'conservation'], rows))
 
 

@@ -287,6 +287,12 @@ def test_demo_prints_table_and_writes_pictures(tmp_path):
     assert all(float(row['leaked_share']) > 0.3 for row in rows)
     assert sorted(path.name for path in tmp_path.glob('*.png')) == sorted(f'{name}.png' for name in CLASSES)
     assert len(list((tmp_path / 'samples').glob('*.png'))) == len(CLASSES)
+    # the same on a timm model through the graph canonizer, isolated as CRP isolates
+    assert 'the same on timm:resnet10t (random weights) through GraphCanonizer' in stdout
+    assert 'isolation cuts layer3.0:skip' in stdout
+    timm_rows = read_csv(tmp_path / 'timm' / 'heatmaps.csv')
+    assert len(timm_rows) == 1 and timm_rows[0]['model'] == 'timm:resnet10t'
+    assert float(timm_rows[0]['max_deviation']) < 1e-4 and float(timm_rows[0]['leaked_share']) > 0.01
 
 
 def test_demo_defaults_and_committed_picture():

@@ -2,6 +2,7 @@
 a CSV and a table.'''
 import argparse
 import csv
+import importlib.util
 import math
 import os
 import sys
@@ -354,4 +355,35 @@ def command_demo(args: argparse.Namespace) -> int:
     report(job, rows, time.perf_counter() - start)
     print(f'the same for one sample by hand: {PROG} explain --model demo --image {images[0]} --layer {job.layer} '
           f'--top {job.top} --out {out / "explain"}')
+    if importlib.util.find_spec('timm') is not None:
+        demo_timm(out, images[:1], args)
     return 0
+
+
+#: the timm model of the demo, and the layer it explains (inside the residual branch of block layer3.0)
+DEMO_TIMM, DEMO_TIMM_LAYER = 'resnet10t', 'layer3.0.conv2'
+
+
+def demo_timm(out: Path, images: List[str], args: argparse.Namespace) -> None:
+    '''The same on a timm model no family canonizer covers, through :py:class:`~canonizers.GraphCanonizer`: with
+    random weights and batch-norm statistics (nothing is downloaded), so only the isolation is shown, not what the
+    concepts mean.'''
+    import timm
+
+    from ..evaluation import randomize_batch_norms
+
+    torch.manual_seed(0)
+    weights = out / f'timm-{DEMO_TIMM}-random.pt'
+    torch.save(randomize_batch_norms(timm.create_model(DEMO_TIMM, pretrained=False)).state_dict(), weights)
+    explain = argparse.Namespace(
+        model=f'timm:{DEMO_TIMM}', weights=str(weights), image=images, layer=DEMO_TIMM_LAYER, concepts=None,
+        top=args.top, target=None, size=64, out=str(out / 'timm'), composite=args.composite, device=args.device,
+        no_reference=False)
+    job = prepare(explain)
+    start = time.perf_counter()
+    rows = run_job(job)
+    print(f'\nthe same on timm:{DEMO_TIMM} (random weights) through GraphCanonizer:')
+    print(f'model {job.loaded.name}, layer {job.layer}; isolation cuts '
+          f'{", ".join(sorted({str(row["cut"]) for row in rows})) or "nothing"}')
+    print(format_table(rows))
+    print(f'wrote {len(job.images)} picture(s) and {CSV_NAME} to {job.out} in {time.perf_counter() - start:.1f} s')
