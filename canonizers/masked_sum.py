@@ -1,5 +1,5 @@
 '''Summation whose summands can be cut off from the gradient, and with it from the relevance.'''
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from zennit.layer import Sum
@@ -37,6 +37,47 @@ def mask_gradient(input: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if not (torch.is_grad_enabled() and input.requires_grad):
         return input
     return _GradientMask.apply(input, mask)
+
+
+def mask_columns(
+    mask: torch.Tensor, like: torch.Tensor, cache: Dict[tuple, List[Optional[torch.Tensor]]], key: tuple = ()
+) -> List[Optional[torch.Tensor]]:
+    '''Per input of a concatenation, its gradient mask as inputs like ``like`` need it.
+
+    Parameters
+    ----------
+    mask: :py:obj:`torch.Tensor`
+        Mask over the inputs, ``[n]`` (all samples) or ``[batch, n]`` (per sample).
+    like: :py:obj:`torch.Tensor`
+        An input, whose first dimension is the batch.
+    cache: dict
+        Where the cast masks are kept (to be emptied when the mask changes): a transfer in every forward would cost a
+        sync on GPUs.
+    key: tuple, optional
+        What else tells masks in ``cache`` apart.
+
+    Returns
+    -------
+    list of :py:obj:`torch.Tensor` or None
+        Per input: None where nothing is cut, else the mask on the device and with the dtype of ``like``, a scalar for
+        all samples or ``[batch, 1, ...]`` per sample.
+
+    Raises
+    ------
+    ValueError
+        If a per-sample mask does not fit the batch.
+    '''
+    batch = like.shape[0]
+    if mask.ndim == 2 and mask.shape[0] != batch:
+        raise ValueError(f'per-sample mask for {mask.shape[0]} samples, but the batch holds {batch} samples: give '
+                         'one cut per sample')
+    key = key + (like.device, like.dtype, like.ndim, batch if mask.ndim == 2 else None)
+    if key not in cache:
+        cast = mask.to(device=like.device, dtype=like.dtype)
+        shape = (batch,) + (1,) * (like.ndim - 1)
+        cache[key] = [None if bool((column == 1).all()) else column.reshape(shape if mask.ndim == 2 else ())
+                      for column in cast.unbind(-1)]
+    return cache[key]
 
 
 def broadcast_mask(mask: torch.Tensor, input: torch.Tensor, dim: int) -> torch.Tensor:

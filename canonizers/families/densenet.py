@@ -25,7 +25,7 @@ from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Tra
 from ..blocks import BlockCanonizer
 from ..cuts import RESIDUAL, SKIP, BlockCatalog, ResolvedCut
 from ..family import FamilyCanonizer
-from ..masked_sum import mask_gradient
+from ..masked_sum import mask_columns, mask_gradient
 from ..merging import ExactMergeBatchNorm, LinearMerge, apply_merge, check_merge
 from ..patch import ModulePatch
 from ..rewrites import Checked, ForwardRewrite
@@ -133,20 +133,7 @@ class FeatureMasks:
                 for feature, column in zip(features, columns)]
 
     def _columns(self, consumer: int, mask: torch.Tensor, like: torch.Tensor) -> List[Optional[torch.Tensor]]:
-        batch = like.shape[0]
-        if mask.ndim == 2 and mask.shape[0] != batch:
-            raise ValueError(f'per-sample mask for {mask.shape[0]} samples, but the batch holds {batch} samples: give '
-                             'one cut per sample')
-        # cache the mask as the features need it: a transfer in every forward would cost a sync on GPUs
-        key = (consumer, like.device, like.dtype, like.ndim, batch if mask.ndim == 2 else None)
-        if key not in self._cast:
-            cast = mask.to(device=like.device, dtype=like.dtype)
-            shape = (batch,) + (1,) * (like.ndim - 1)
-            self._cast[key] = [
-                None if bool((column == 1).all()) else column.reshape(shape if mask.ndim == 2 else ())
-                for column in cast.unbind(-1)
-            ]
-        return self._cast[key]
+        return mask_columns(mask, like, self._cast, (consumer,))
 
 
 class DenseBlockCanonizer(BlockCanonizer):

@@ -4,7 +4,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from zennit.types import Activation
 
-from ..masked_sum import mask_gradient
+from ..masked_sum import mask_columns, mask_gradient
 
 
 def stack_summands(*summands: torch.Tensor) -> torch.Tensor:
@@ -63,23 +63,9 @@ class MaskedConcatenation(torch.nn.Module):
         return (torch.stack if self.stack else torch.cat)(inputs, self.dim)
 
     def _columns(self, like: torch.Tensor) -> List[Optional[torch.Tensor]]:
-        mask = self._mask
-        if mask.shape[-1] != self.inputs:
-            raise ValueError(f'mask of shape {tuple(mask.shape)} does not fit the inputs of the concatenation')
-        batch = like.shape[0]
-        if mask.ndim == 2 and mask.shape[0] != batch:
-            raise ValueError(f'per-sample mask for {mask.shape[0]} samples, but the batch holds {batch} samples: give '
-                             'one cut per sample')
-        # cached as the inputs need them: a transfer in every forward would cost a sync on GPUs
-        key = (like.device, like.dtype, like.ndim, batch if mask.ndim == 2 else None)
-        if key not in self._cast:
-            cast = mask.to(device=like.device, dtype=like.dtype)
-            shape = (batch,) + (1,) * (like.ndim - 1)
-            self._cast[key] = [
-                None if bool((column == 1).all()) else column.reshape(shape if mask.ndim == 2 else ())
-                for column in cast.unbind(-1)
-            ]
-        return self._cast[key]
+        if self._mask.shape[-1] != self.inputs:
+            raise ValueError(f'mask of shape {tuple(self._mask.shape)} does not fit the inputs of the concatenation')
+        return mask_columns(self._mask, like, self._cast)
 
     def extra_repr(self) -> str:
         return f'inputs={self.inputs}, dim={self.dim}' + (', stack=True' if self.stack else '')
