@@ -43,7 +43,6 @@ except ImportError as error:
         '`pip install zennit-canonizers[crp]`'
     ) from error
 
-from .blocks import BlockCanonizer
 from .family import FamilyCanonizer
 from .partial_backward import Condition as EngineCondition
 from .partial_backward import Mask, PartialBackward, Recorder
@@ -54,54 +53,31 @@ from .tracing import ParallelPaths, TracingError, describe, parallel_paths
 MODEL_OUTPUT_NAME = 'y'
 
 Condition = Mapping[str, Sequence[int]]
-PackageCanonizer = Union[FamilyCanonizer, BlockCanonizer]
 
 
 class _LayerCuts:
-    '''The cuts for the layer sets of one model, computed once per distinct set of layers.
+    '''The cuts for the layer sets of a model a family canonizer fits, computed once per distinct set of layers.
 
     The cuts come from the ``layer_cuts`` of the family canonizers that fit the model (a family may know better than
-    the generic rule, e.g. DenseNet's dense layers), and of block canonizers that no such family holds. Each source
-    places layers in its own blocks; the cuts are their union.
+    the generic rule, e.g. DenseNet's dense layers). Each family places layers in its own blocks; the cuts are their
+    union.
     '''
-    def __init__(self, model: torch.nn.Module, canonizers: Sequence[PackageCanonizer] = ()) -> None:
+    def __init__(self, model: torch.nn.Module, families: List[FamilyCanonizer]) -> None:
         self.model = model
-        self.sources: List[FamilyCanonizer] = families_for(model)
-        known = {type(part) for source in self.sources for part in source._block_canonizers}
-        families = {type(source) for source in self.sources}
-        loose: List[BlockCanonizer] = []
-        for canonizer in canonizers:
-            if isinstance(canonizer, FamilyCanonizer):
-                if type(canonizer) not in families:
-                    self.sources.append(canonizer)
-                    known.update(type(part) for part in canonizer._block_canonizers)
-            elif type(canonizer) not in known:
-                loose.append(canonizer.copy())
-                known.add(type(canonizer))
-        fitted = bool(self.sources)
-        # also without any source: unknown layer names are still refused
-        if loose or not self.sources:
-            self.sources.append(FamilyCanonizer(parts=loose))
+        self.sources = families
         self.cache: Dict[frozenset, Dict[str, str]] = {}
-        # the merges of parallel paths the sources handle; the others are found by tracing the model
+        # the merges of parallel paths the families handle; the others are found by tracing the model
         self.covered = {block for source in self.sources for part in source._rewrites
                         for block in part.blocks(model)}
-        self.untraceable: Optional[TracingError] = None
         try:
             self.paths: Optional[ParallelPaths] = parallel_paths(model)
-        except TracingError as error:
+        except TracingError:
+            # a model a family fits has its parallel paths in the family's blocks
             self.paths = None
-            # a model a family fits has its parallel paths in the family's blocks; of any other nothing is known
-            self.untraceable = None if fitted else error
 
     def check_bypasses(self, layers: Sequence[str]) -> None:
         '''Refuse layers around which relevance can flow through a merge no canonizer of this package handles.'''
         model = type(self.model).__name__
-        if self.untraceable is not None and layers:
-            raise ValueError(f'{self.untraceable}, and no family canonizer of this package fits {model}: whether '
-                             'relevance can go around the conditioned layers is unknown, so no cut is given; '
-                             "canonizers.crp.IsolatingCondAttribution (as crp's exclude_parallel=True) isolates "
-                             'conditions on any model')
         for layer in layers:
             bypasses = self.paths.bypasses(layer, self.covered) if self.paths is not None else []
             if bypasses:
@@ -172,22 +148,24 @@ def cuts_for(
         If a condition names a layer that is not a module of the model, or two layers in parallel branches of one
         block (no cut makes relevance pass through both); the message names the condition, the layers and the block.
     '''
-    if not families_for(model):
+    families = families_for(model)
+    if not families:
         # any other model torch.fx can trace: the general rule of the graph canonizer
         from .graph import graph_cuts_for
 
         return graph_cuts_for(model, conditions, output_name)
-    return _LayerCuts(model)(conditions, output_name)
+    return _LayerCuts(model, families)(conditions, output_name)
 
 
 def layer_cut(model: torch.nn.Module, layers: Sequence[str]) -> Dict[str, str]:
     '''The cut that isolates a condition on ``layers``, as :py:func:`cuts_for` gives it for one condition; errors name
     the layers without the condition around them.'''
-    if not families_for(model):
+    families = families_for(model)
+    if not families:
         from .graph import GraphCanonizer
 
         return GraphCanonizer().layer_cuts(model, list(layers))
-    return _LayerCuts(model).cut_of(list(layers))
+    return _LayerCuts(model, families).cut_of(list(layers))
 
 
 def _checked_channel_mask(batch_id: int, concept_ids: Sequence[int], layer_name: Optional[str] = None) -> Callable:
