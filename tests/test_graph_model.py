@@ -566,6 +566,16 @@ def test_gate_computed_from_the_block_input_is_constant():
         instance.remove()
 
 
+def conservation_with_and_without(model, data):
+    '''Input over output relevance of the bias-free model with the graph canonizer, and without any.'''
+    ratios = []
+    for canonizers in ([GraphCanonizer()], []):
+        with Gradient(model, conservation_composite(canonizers)) as attributor:
+            output, relevance = attributor(data, lambda output: output_relevance(output, TARGET))
+        ratios.append(relevance.sum().item() / output[0, TARGET].item())
+    return ratios
+
+
 def test_swish_written_out_becomes_a_silu_module_and_conserves():
     class Swish(torch.nn.Module):
         def __init__(self) -> None:
@@ -587,11 +597,7 @@ def test_swish_written_out_becomes_a_silu_module_and_conserves():
     assert relative_error(model(data), reference) < 1e-15
     for instance in instances:
         instance.remove()
-    ratios = []
-    for canonizers in ([GraphCanonizer()], []):
-        with Gradient(model, conservation_composite(canonizers)) as attributor:
-            output, relevance = attributor(data, lambda output: output_relevance(output, TARGET))
-        ratios.append(relevance.sum().item() / output[0, TARGET].item())
+    ratios = conservation_with_and_without(model, data)
     assert abs(ratios[0] - 1.) < 1e-9 and abs(ratios[1] - 1.) > 1e-3
 
 
@@ -621,9 +627,5 @@ def test_scaling_by_a_factor_without_signal_passes_relevance():
     assert model.gamma.grad is not None and model.gamma.grad.abs().max() > 0
     for instance in instances:
         instance.remove()
-    ratios = []
-    for canonizers in ([GraphCanonizer()], []):
-        with Gradient(model, conservation_composite(canonizers)) as attributor:
-            output, relevance = attributor(data, lambda output: output_relevance(output, TARGET))
-        ratios.append(relevance.sum().item() / output[0, TARGET].item())
+    ratios = conservation_with_and_without(model, data)
     assert abs(ratios[0] - 1.) < 1e-9 and abs(ratios[1] - 1.) > 1e-3
