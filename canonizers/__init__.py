@@ -12,9 +12,11 @@ from .families.mobilenet import (
 from .families.resnet import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer, ResNetCanonizer
 from .gates import ConstantGate, SqueezeExcitationCanonizer
 from .graph import GraphCanonizer
+from .graph.conservation import NotConservedWarning
 from .layers import ThresholdReLU
 from .masked_sum import MaskedSum
 from .merging import ExactMergeBatchNorm, LinearMerge
+from .support import SupportReport, check
 
 __all__ = [
     '__version__',
@@ -32,10 +34,13 @@ __all__ = [
     'MobileNetCanonizer',
     'MobileNetV2InvertedResidualCanonizer',
     'MobileNetV3InvertedResidualCanonizer',
+    'NotConservedWarning',
     'PerSampleCut',
     'ResNetBasicBlockCanonizer',
     'ResNetBottleneckCanonizer',
     'ResNetCanonizer',
     'SqueezeExcitationCanonizer',
+    'SupportReport',
     'ThresholdReLU',
+    'check',
 ]

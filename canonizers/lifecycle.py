@@ -53,6 +53,24 @@ class InUse:
         patch.on_undo(lambda: self.modules.pop(module, None))
 
 
+def rewritten_forward(module: torch.nn.Module) -> bool:
+    '''Whether a canonizer rewrote the forward of ``module``: one of this package that is still registered, or one
+    that set a ``forward`` attribute (zennit's own canonizers do) which is not a method of the module's own class.
+
+    A model may set its own forward in ``__init__`` (timm's FasterNet: ``self.forward = self.forward_split_cat``);
+    that is the model's forward, not a rewrite.
+    '''
+    if module in REWRITTEN:
+        return True
+    forward = vars(module).get('forward')
+    if forward is None:
+        return False
+    function = getattr(forward, '__func__', None)
+    own = getattr(forward, '__self__', None) is module and any(
+        vars(cls).get(function.__name__) is function for cls in type(module).__mro__)
+    return not own
+
+
 #: batch norms merged by a registered canonizer of this package
 MERGED = InUse()
 #: modules whose forward a registered canonizer of this package rewrote

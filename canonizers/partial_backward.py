@@ -40,7 +40,14 @@ class Recorder:
         self.calls: Dict[str, int] = {}
         self.finished: Dict[str, int] = {}
         self._clock = 0
-        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in dict.fromkeys(names)]
+        # the graph canonizer calls a layer called at several places through copies (one rule each): count those
+        copies: Dict[int, List[torch.nn.Module]] = {}
+        for module in modules.values():
+            original = module.__dict__.get('canonizer_copy_of')
+            if original is not None:
+                copies.setdefault(id(original), []).append(module)
+        self.handles = [module.register_forward_hook(self._hook(name)) for name in dict.fromkeys(names)
+                        for module in [modules[name]] + copies.get(id(modules[name]), [])]
 
     def _hook(self, name: str) -> Callable:
         def record(module: torch.nn.Module, input: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ import torch
 from zennit.canonizers import Canonizer
 
 from .cuts import BlockCatalog, ResolvedCut
-from .lifecycle import REWRITTEN, remove_all
+from .lifecycle import REWRITTEN, remove_all, rewritten_forward
 from .patch import ModulePatch
 
 
@@ -100,7 +100,7 @@ class ForwardRewrite(Canonizer):
         '''
         blocks = self.blocks(root_module)
         for name, module in blocks.items():
-            if module in REWRITTEN or 'forward' in vars(module):
+            if rewritten_forward(module):
                 raise RuntimeError(
                     f'block {name!r} already has a rewritten forward (is another canonizer still registered on this '
                     'model? nested composite contexts are not supported): remove it first'

@@ -289,6 +289,16 @@ def cut_text(cut: Mapping[str, object]) -> str:
                     for block, branch in cut.items())
 
 
+def print_warnings(job: Job, rows: Sequence[Mapping[str, object]]) -> None:
+    '''The support verdict where the model is not supported, and isolated heatmaps that deviate from CRP's reference
+    more than rounding explains, above the table.'''
+    from .checking import deviation_warnings, verdict_warning
+
+    warning = verdict_warning(job.loaded.model, normalize(job.images[0][1], job.loaded))
+    for line in ([warning] if warning else []) + list(deviation_warnings(rows)):
+        print(line)
+
+
 def report(job: Job, rows: Sequence[Mapping[str, object]], seconds: float) -> None:
     '''Print the table and where the results are.'''
     from ..crp import layer_cut
@@ -297,6 +307,7 @@ def report(job: Job, rows: Sequence[Mapping[str, object]], seconds: float) -> No
     cuts = sorted({str(row['cut']) for row in rows}) or [cut_text(layer_cut(job.loaded.model, [job.layer]))]
     print(f'model {job.loaded.name}, layer {job.layer}, composite {job.composite_name}; isolation cuts '
           f'{", ".join(cut or "nothing (no parallel path bypasses the layer)" for cut in cuts)}')
+    print_warnings(job, rows)
     print(format_table(rows))
     print()
     print(NUMBERS, end='')
@@ -385,5 +396,6 @@ def demo_timm(out: Path, images: List[str], args: argparse.Namespace) -> None:
     print(f'\nthe same on timm:{DEMO_TIMM} (random weights) through GraphCanonizer:')
     print(f'model {job.loaded.name}, layer {job.layer}; isolation cuts '
           f'{", ".join(sorted({str(row["cut"]) for row in rows})) or "nothing"}')
+    print_warnings(job, rows)
     print(format_table(rows))
     print(f'wrote {len(job.images)} picture(s) and {CSV_NAME} to {job.out} in {time.perf_counter() - start:.1f} s')

@@ -5,6 +5,7 @@ import sys
 import textwrap
 from typing import Optional, Sequence
 
+from .checking import command_check
 from .common import (
     CSV_NAME,
     DEFAULT_COMPOSITE,
@@ -33,6 +34,7 @@ EXAMPLES = f'''\
 examples:
   {PROG} demo                            # the embedded shapes model, pictures in {DEFAULT_DEMO_OUT}
   {PROG} blocks resnet50                 # where conditions can be isolated
+  {PROG} check timm:convnext_atto --size 64   # exact? conservative? where not?
   {PROG} explain --model demo --image star.png --layer layer3.0.conv2 --top 3 --out out/star
   {PROG} explain --model resnet50 --weights resnet50.pth --image cat.jpg dog.jpg \\
       --layer layer3.1.conv2 --concepts 3,17 --out out/pets
@@ -59,6 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     blocks.add_argument('model', metavar='MODEL', help=f'a torchvision classification model name, or {DEMO!r}')
     blocks.set_defaults(run=command_blocks)
+
+    check = commands.add_parser(
+        'check', help='the support report of a model: exact? conservative? where not?',
+        description=paragraph(
+            'Check whether GraphCanonizer supports a model: whether torch.fx traces it, the merges of parallel '
+            'paths it finds and which can be cut, the batch norms it merges exactly and those it cannot, the '
+            'operations on the relevance path without a conserving rule (by name and kind), the forward deviation '
+            'of the canonized model (float32 and float64) from float64 arithmetic, and the conservation of relevance '
+            'of a bias-free float64 copy under an epsilon-only composite; then a one-line verdict. The model is '
+            'built with random weights and batch-norm statistics (demo: its embedded weights); nothing is '
+            'downloaded. Exit status: 0 supported (exact and conservative), 1 not conservative, 2 refused.'),
+        formatter_class=HelpFormatter)
+    check.add_argument('model', metavar='MODEL',
+                       help=f'a torchvision classification model name, timm:NAME for a timm model, or {DEMO!r}')
+    check.add_argument('--size', type=int, metavar='PIXELS',
+                       help='input height and width (default: 64 for demo, timm\'s declared input size for timm '
+                            'models, 224 for torchvision models)')
+    check.add_argument('--seed', type=int, default=0, help='seed of the random weights and input (default: 0)')
+    check.set_defaults(run=command_check)
 
     explain = commands.add_parser(
         'explain', help='isolated and leaky CRP heatmaps of chosen concepts for your images',

@@ -10,13 +10,14 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tu
 import torch
 import torch.fx
 import torch.nn.functional as F
+from zennit.layer import Sum
 
 from ..tracing import is_size, modules_of
-from .modules import GlobalMeanPool
+from .modules import GlobalMeanPool, SumReduction
 
 _SUMS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
 _CONCATENATIONS = {torch.cat, torch.concat, torch.stack}
-_PRODUCTS = {operator.mul, operator.imul, torch.mul, 'mul', 'mul_'}
+PRODUCTS = {operator.mul, operator.imul, torch.mul, 'mul', 'mul_'}
 _QUOTIENTS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, 'div', 'div_', 'true_divide'}
 _IN_PLACE = {operator.iadd, 'add_', operator.imul, 'mul_', operator.itruediv, 'div_'}
 _SIGMOIDS = {torch.sigmoid, F.sigmoid, 'sigmoid'}
@@ -59,6 +60,15 @@ def _global_mean(node: torch.fx.Node) -> Optional[torch.nn.Module]:
     return GlobalMeanPool(dims, bool(_keyword(node, 2, 'keepdim', False)))
 
 
+def _sum_reduction(node: torch.fx.Node) -> Optional[torch.nn.Module]:
+    dims = _keyword(node, 1, 'dim')
+    if _keyword(node, 3, 'dtype') is not None or not (
+            dims is None or isinstance(dims, int) or (isinstance(dims, (tuple, list)) and all(
+                isinstance(dim, int) for dim in dims))):
+        return None
+    return SumReduction(dims, bool(_keyword(node, 2, 'keepdim', False)))
+
+
 def _spatial(dims) -> bool:
     '''Whether ``dims`` are the spatial dimensions of an image batch, (2, 3) or (-2, -1) in any order.'''
     if not isinstance(dims, (tuple, list)) or not all(isinstance(dim, int) for dim in dims):
@@ -84,6 +94,9 @@ CONVERSIONS: Dict[object, Callable[[torch.fx.Node], Optional[torch.nn.Module]]] 
                                              'return_indices')),
     'mean': _global_mean,
     torch.mean: _global_mean,
+    # a sum over a dimension of one tensor (the gated branches of selective-kernel and split attention)
+    'sum': _sum_reduction,
+    torch.sum: _sum_reduction,
 }
 _INPLACE = {torch.relu_, F.relu_, 'relu_'}
 #: conversions whose last positional argument may be ``inplace``
@@ -117,6 +130,9 @@ class Merge(NamedTuple):
         The dimension of a concatenation.
     stack: bool
         Whether the concatenation is a ``torch.stack``.
+    summed: bool
+        Whether it is a stack that only :py:obj:`zennit.layer.Sum` modules read: the summands of a sum written for
+        zennit (``Sum()(torch.stack([identity, out], dim=-1))``), whose rule stays the module's.
     '''
     node: torch.fx.Node
     kind: str
@@ -125,6 +141,7 @@ class Merge(NamedTuple):
     holder: str
     dim: int = 0
     stack: bool = False
+    summed: bool = False
 
 
 class Gate(NamedTuple):
@@ -247,7 +264,7 @@ class Analysis:
                 self._sum(node, chains)
             elif target in _CONCATENATIONS and node.op == 'call_function':
                 self._concatenation(node)
-            elif target in _PRODUCTS:
+            elif target in PRODUCTS:
                 self._product(node)
             elif target in _QUOTIENTS and len(self.signal_inputs(node)) == 1 and node in self.signals:
                 self._scale(node)
@@ -302,8 +319,9 @@ class Analysis:
                 not isinstance(dim, int)) or set(node.kwargs) - {'dim', 'tensors'}:
             self._unsupported(node, f'{target_name(node)} of tensors it cannot mask')
             return
-        self.merges.append(Merge(node, 'concatenation', tuple(tensors), (), self.holder(node), dim,
-                                 node.target is torch.stack))
+        stack = node.target is torch.stack
+        summed = stack and all(isinstance(self.module(user), Sum) for user in self.users(node))
+        self.merges.append(Merge(node, 'concatenation', tuple(tensors), (), self.holder(node), dim, stack, summed))
 
     def _scale(self, node: torch.fx.Node) -> None:
         '''Record ``input * factor`` or ``input / factor`` with a factor that carries no signal.'''

@@ -1,17 +1,19 @@
 '''The graph canonizer: the canonizers of this package for any model ``torch.fx`` can trace.'''
 import warnings
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Sized, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from zennit.canonizers import Canonizer
 
 from ..compat import RULES_ASSIGN_PARAMETERS, RestoreSwappedParameters
 from ..cuts import CutLike, ParsedCut, PerSampleCut, ResolvedCut, parse_cut, public_cut
-from ..lifecycle import REWRITTEN, remove_all, require_eval
+from ..lifecycle import REWRITTEN, remove_all, require_eval, rewritten_forward
 from ..merging import batch_norm_affine, check_batch_norm, make_identity, merge_around_linear, threshold_relu
 from ..patch import ModulePatch
 from .compiled import Compiled, compiled_for
+from .conservation import listing, warn
 from .cutting import Branches
+from .modules import call_copy
 
 
 class GraphCanonizer(Canonizer):
@@ -95,8 +97,7 @@ class GraphCanonizer(Canonizer):
             If the model is in training mode or canonized by a canonizer that is still registered.
         '''
         require_eval(root_module)
-        rewritten = [name or 'the model' for name, module in root_module.named_modules()
-                     if 'forward' in vars(module) or module in REWRITTEN]
+        rewritten = [name or 'the model' for name, module in root_module.named_modules() if rewritten_forward(module)]
         if rewritten:
             # tracing a forward another canonizer rewrote would bake its modules into the compiled forward
             raise RuntimeError(f'{rewritten[0]!r} of {type(root_module).__name__} already has a rewritten forward (is '
@@ -138,22 +139,9 @@ class GraphCanonizer(Canonizer):
         model = type(root_module).__name__
         pre_hooks = [name for name in compiled.hooked if root_module.get_submodule(name)._forward_pre_hooks]
         if pre_hooks:
-            warnings.warn(f'GraphCanonizer inlines the forward of {_listing(pre_hooks)} of {model}: forward hooks '
-                          'still run, forward pre-hooks do not', stacklevel=3)
-        unmerged = compiled.batch_norms.unmerged
-        if unmerged:
-            warnings.warn(f'GraphCanonizer cannot merge {_count(unmerged, "batch norm")} of {model}, which stay as '
-                          'they are (relevance through them is not conserved): ' + '; '.join(
-                              f'batch norm {name!r}: {reason}' for name, reason in unmerged.items()), stacklevel=3)
-        if compiled.whole:
-            warnings.warn(f'GraphCanonizer keeps {_listing(compiled.whole)} of {model} whole: torch.fx cannot trace '
-                          'through them (timm marks them not traceable), so paths inside them are neither canonized '
-                          'nor cut', stacklevel=3)
-        if compiled.unsupported:
-            places = [f'a {reason} in {holder or "the forward"!r}' for holder, reason in compiled.unsupported]
-            warnings.warn(f'GraphCanonizer leaves {_count(places, "operation")} of parallel paths of {model} as they '
-                          f'are (no rule applies to them, and they cannot be cut): {_listing(places, quote=False)}',
-                          stacklevel=3)
+            warnings.warn(f'GraphCanonizer inlines the forward of {listing(pre_hooks, quote=True)} of {model}: '
+                          'forward hooks still run, forward pre-hooks do not', stacklevel=3)
+        warn(model, compiled.operations, stacklevel=3)
 
     def register(self, root_module: torch.nn.Module, modules: Mapping[str, torch.nn.Module],
                  compiled: Compiled) -> None:
@@ -166,8 +154,12 @@ class GraphCanonizer(Canonizer):
                 patch.set_attribute(root_module, name, value)
             thresholds = self._merge(modules, compiled)
             for slot in compiled.program.slots:
-                module = thresholds[slot.source] if slot.kind == 'threshold' else slot.build()
-                patch.set_attribute(modules[slot.holder], slot.attribute, module.train(root_module.training))
+                if slot.kind == 'call':
+                    module = call_copy(modules[slot.source])
+                else:
+                    module = thresholds[slot.source] if slot.kind == 'threshold' else slot.build()
+                    module.train(root_module.training)
+                patch.set_attribute(modules[slot.holder], slot.attribute, module)
             patch.set_attribute(root_module, 'forward', compiled.program.forward.__get__(root_module))
             REWRITTEN.claim(patch, root_module)
         except BaseException:
@@ -217,15 +209,6 @@ class GraphCanonizer(Canonizer):
         '''Restore the model bitwise.'''
         self.patch.undo()
         self.modules = {}
-
-
-def _count(items: Sized, noun: str) -> str:
-    return f'{len(items)} {noun}{"s" if len(items) != 1 else ""}'
-
-
-def _listing(items: Sequence[str], limit: int = 5, quote: bool = True) -> str:
-    shown = [repr(item) if quote else item for item in items[:limit]]
-    return ', '.join(shown) + (f', ... ({len(items)} in all)' if len(items) > limit else '')
 
 
 def graph_cuts_for(model: torch.nn.Module, conditions: Sequence[Mapping[str, object]],

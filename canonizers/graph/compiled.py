@@ -10,6 +10,7 @@ from torch.nn.modules.conv import _ConvNd
 from ..lifecycle import REWRITTEN
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
+from .conservation import Operation, find
 from .cutting import CutTable
 from .program import Program
 from .tracer import TraceFailure, trace
@@ -45,6 +46,8 @@ class Compiled:
         self.whole = [node.target for node in analysis.nodes if isinstance(analysis.module(node), opaque)
                       and not isinstance(analysis.module(node), (_BatchNorm, _ConvNd))]
         self.batch_norms = BatchNormPlan(analysis)
+        self.merged = sorted({plan.after[0] for plan in self.batch_norms.linears.values() if plan.after}
+                             | set(self.batch_norms.pre_activations))
         replaced = {
             f'{parent}.{attribute}' if parent else attribute: (
                 f'{parent}.{attribute}' if parent else attribute) + ' is replaced by a threshold ReLU while '
@@ -58,9 +61,10 @@ class Compiled:
         hooked = self._hooked(analysis, self.table)
         #: the inlined modules whose forward hooks the canonized forward calls
         self.hooked = [name for name, _, _ in hooked]
+        #: the operations on the relevance path that the rules of a zennit composite do not conserve relevance through
+        #: (found before the program rewrites the graph)
+        self.operations: List[Operation] = find(analysis, self.merged, self.batch_norms.unmerged, self.whole)
         self.program = Program(analysis, self.batch_norms, hooked)
-        self.merged = sorted({plan.after[0] for plan in self.batch_norms.linears.values() if plan.after}
-                             | set(self.batch_norms.pre_activations))
         self.unsupported = [(analysis.holder(node), reason) for node, reason, _ in analysis.unsupported]
         # keep names only: the cache must not keep the model alive
         analysis.release()

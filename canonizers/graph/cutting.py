@@ -116,7 +116,7 @@ class CutTable:
         count = len(merge.inputs)
         if 0 < len(identity) < count:
             return {SKIP: frozenset(identity), RESIDUAL: frozenset(set(range(count)) - identity)}
-        if count == 2 and merge.kind == 'sum':
+        if count == 2 and (merge.kind == 'sum' or merge.summed):
             first, second = (self.depth[input] for input in merge.inputs)
             if first != second:
                 shortcut = 0 if first < second else 1

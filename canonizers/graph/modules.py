@@ -1,7 +1,10 @@
 '''Modules and functions that the graph canonizer puts into a traced forward.'''
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import collections
+import copy
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from zennit.layer import Sum
 from zennit.types import Activation
 
 from ..masked_sum import mask_columns, mask_gradient
@@ -123,6 +126,34 @@ class GlobalMeanPool(torch.nn.AdaptiveAvgPool2d):
         return f'dims={self.dims}, keepdim={self.keepdim}'
 
 
+class SumReduction(Sum):
+    '''``input.sum(dims, keepdim)`` of one tensor, as a module: a sum to zennit (its composites attach their rule for
+    sums, :py:obj:`zennit.layer.Sum`), and bitwise the sum it replaces.
+
+    Left to autograd, a sum over a dimension hands every summand the whole relevance of the sum (the gradient of a sum
+    is 1 for each summand); the sum rule splits it in proportion to the summands. Selective-kernel and split attention
+    (SKNet, ResNeSt) sum their gated branches so, after stacking them along a dimension.
+
+    Parameters
+    ----------
+    dims: int, tuple of int or None
+        The dimensions to sum over; None sums over all.
+    keepdim: bool
+        Whether to keep them, with size 1.
+    '''
+    def __init__(self, dims: Union[int, Sequence[int], None] = None, keepdim: bool = False) -> None:
+        super().__init__(dim=dims if dims is None or isinstance(dims, int) else tuple(dims))
+        self.keepdim = keepdim
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.dim is None:
+            return input.sum()
+        return input.sum(self.dim, keepdim=self.keepdim)
+
+    def extra_repr(self) -> str:
+        return f'dims={self.dim}, keepdim={self.keepdim}'
+
+
 def call_forward_hooks(module: torch.nn.Module, args: Tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
     '''Run the forward hooks of ``module`` on ``output``, as ``module(*args)`` would: the traced forward no longer
     calls the blocks whose forwards it inlines, and hooks on them (CRP's recording and masking) must still fire.'''
@@ -135,3 +166,40 @@ def call_forward_hooks(module: torch.nn.Module, args: Tuple[torch.Tensor, ...], 
         if result is not None:
             output = result
     return output
+
+
+#: the hook registries a copy made by :py:func:`call_copy` gets empty
+_HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks',
+          '_forward_hooks_with_kwargs', '_forward_hooks_always_called', '_forward_pre_hooks_with_kwargs',
+          '_state_dict_hooks', '_load_state_dict_pre_hooks', '_state_dict_pre_hooks', '_load_state_dict_post_hooks')
+
+
+def call_copy(module: torch.nn.Module) -> torch.nn.Module:
+    '''A copy of ``module`` for one more place the forward calls it: the same parameters, buffers and submodules
+    (objects, not copies), its own hooks.
+
+    zennit's rules keep the input and output of a module's last call for its backward pass, so a layer called at
+    several places (CoaT's convolutional position encodings, shared MLPs) gets wrong relevance, or a shape error,
+    from the first calls' backward passes. With one module per call, each has a rule of its own; the function of
+    the parameters is unchanged. The copy knows its original as ``canonizer_copy_of`` (not a submodule).
+    '''
+    clone = copy.copy(module)
+    for store in ('_parameters', '_buffers', '_modules'):
+        clone.__dict__[store] = collections.OrderedDict(module.__dict__[store])
+    for store in _HOOKS:
+        if store in module.__dict__:
+            clone.__dict__[store] = collections.OrderedDict()
+    clone.__dict__['canonizer_copy_of'] = module
+    return clone
+
+
+def copies_of(model: torch.nn.Module, module: torch.nn.Module) -> List[torch.nn.Module]:
+    '''The copies of ``module`` for further calls (:py:func:`call_copy`) that a canonized ``model`` holds.'''
+    return [other for other in model.modules() if other.__dict__.get('canonizer_copy_of') is module]
+
+
+def call_unhooked(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    '''Call ``module``'s forward without its hooks: zennit's composites give attention modules (which zennit counts as
+    activations) a pass-through rule that fails on their several inputs and outputs ("hook 'backward' has returned an
+    incorrect number of values"); without the hook, the gradient passes through them instead.'''
+    return module.forward(*args, **kwargs)

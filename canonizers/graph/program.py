@@ -6,12 +6,13 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.fx
+from zennit.types import Activation
 
 from ..gates import ConstantGate
 from ..masked_sum import MaskedSum
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
-from .modules import MaskedConcatenation, Scale, call_forward_hooks, stack_summands
+from .modules import MaskedConcatenation, Scale, call_forward_hooks, call_unhooked, stack_summands
 
 
 class Slot(NamedTuple):
@@ -24,14 +25,15 @@ class Slot(NamedTuple):
     attribute: str
         Its attribute name there.
     kind: str
-        ``"sum"``, ``"concatenation"``, ``"gate"``, ``"module"`` (a copy of ``prototype``) or ``"threshold"`` (the
-        threshold ReLU of the pre-activation batch norm ``source``).
+        ``"sum"``, ``"concatenation"``, ``"gate"``, ``"module"`` (a copy of ``prototype``), ``"threshold"`` (the
+        threshold ReLU of the pre-activation batch norm ``source``) or ``"call"`` (the module ``source`` again, for
+        one more place the forward calls it: :py:func:`~canonizers.graph.modules.call_copy`).
     merge: int
         The number of the merge whose mask it holds (sums and concatenations), else -1.
     prototype: :py:obj:`torch.nn.Module`, optional
         The module to copy (kind ``"module"``), or the concatenation's settings.
     source: str
-        The batch norm whose threshold ReLU this is (kind ``"threshold"``).
+        The batch norm whose threshold ReLU this is (kind ``"threshold"``), or the module called again (``"call"``).
     '''
     holder: str
     attribute: str
@@ -83,6 +85,7 @@ class Program:
         self.current: Dict[torch.fx.Node, torch.fx.Node] = {}
         thresholds = {plan.relu: name for name, plan in batch_norms.pre_activations.items()
                       if plan.relu is not None and plan.attribute is None}
+        self._calls()
         self._conversions(thresholds)
         self._scales()
         self._gates()
@@ -116,6 +119,22 @@ class Program:
     def _call(self, before: torch.fx.Node, slot: Slot, args: tuple, kwargs: Optional[dict] = None) -> torch.fx.Node:
         with self.graph.inserting_before(before):
             return self.graph.call_module(slot.path, args, kwargs or {})
+
+    def _calls(self) -> None:
+        analysis, seen = self.analysis, set()
+        for node in list(self.graph.nodes):
+            module = analysis.module(node)
+            if isinstance(module, torch.nn.MultiheadAttention):
+                with self.graph.inserting_before(node):
+                    holder = self.graph.get_attr(node.target)
+                    unhooked = self.graph.call_function(call_unhooked, (holder,) + tuple(node.args), dict(node.kwargs))
+                self.scope[holder] = self.scope[unhooked] = self.scope[node]
+                self._replace(node, unhooked)
+            elif module is not None and analysis.calls[node.target] > 1 and not isinstance(module, Activation):
+                # every call but the first gets a module of its own: zennit's rules keep one call's tensors
+                if node.target in seen:
+                    node.target = self._slot(analysis.holder(node), 'canonizer_call', 'call', source=node.target).path
+                seen.add(node.target)
 
     def _conversions(self, thresholds: Dict[torch.fx.Node, str]) -> None:
         analysis = self.analysis

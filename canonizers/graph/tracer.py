@@ -8,6 +8,7 @@ import torch
 import torch.fx
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from zennit.layer import Sum
 
 #: the hook registries of a module that would run (on proxies) while tracing through its forward
 _HOOK_DICTS = ('_forward_hooks', '_forward_pre_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called',
@@ -36,7 +37,8 @@ def _timm_leaves() -> Tuple[Tuple[type, ...], Tuple[Callable, ...]]:
 class LeafTracer(torch.fx.Tracer):
     '''Tracer that keeps as leaves (single ``call_module`` nodes) what zennit and the batch-norm merges need whole:
     torch's own layers, and every convolution, linear layer and batch norm (also subclasses with their own forward, such
-    as timm's ``Conv2dSame`` or ``BatchNormAct2d``, whose padding or activation belongs to them).
+    as timm's ``Conv2dSame`` or ``BatchNormAct2d``, whose padding or activation belongs to them), and zennit's own
+    :py:obj:`zennit.layer.Sum` modules of models written for zennit, to which composites attach their sum rule.
 
     Parameters
     ----------
@@ -50,7 +52,7 @@ class LeafTracer(torch.fx.Tracer):
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
-        if isinstance(module, (_ConvNd, _BatchNorm, torch.nn.Linear) + self.extra_leaves):
+        if isinstance(module, (_ConvNd, _BatchNorm, torch.nn.Linear, Sum) + self.extra_leaves):
             return True
         return super().is_leaf_module(module, qualified_name)
 

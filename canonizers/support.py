@@ -1,0 +1,317 @@
+'''The support report of one model: whether :py:class:`~canonizers.GraphCanonizer` can canonize it, whether the
+canonized model is the same function, and whether relevance through it is conserved, measured rather than assumed.
+
+Usage::
+
+    import canonizers
+
+    report = canonizers.check(model, torch.randn(1, 3, 64, 64))
+    report.status      # 'supported', 'not conservative' or 'refused'
+    print(report)      # the whole report, as ``canonizers check MODEL`` prints it
+'''
+import copy
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .evaluation import conservation_composite, output_relevance, relative_error
+from .graph import GraphCanonizer
+from .graph.compiled import Compiled, compiled_for
+from .graph.conservation import KINDS, Operation, count, listing
+
+#: statuses, and the exit status of ``canonizers check`` for each
+SUPPORTED, NOT_CONSERVATIVE, REFUSED = 'supported', 'not conservative', 'refused'
+EXIT_CODES = {SUPPORTED: 0, NOT_CONSERVATIVE: 1, REFUSED: 2}
+#: the largest deviation of the canonized float64 model from the original in float64 that counts as exact
+FORWARD_TOLERANCE = 1e-10
+#: the largest ``|R_in / R_out - 1|`` of the bias-free float64 copy that counts as conserved
+CONSERVATION_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    '''A place where parallel paths meet.
+
+    Attributes
+    ----------
+    name: str
+        Its name in cuts (for those that can be cut), or the module whose forward holds it.
+    kind: str
+        ``"sum"`` or ``"concatenation"``, or what it computes for those that cannot be cut.
+    cuttable: bool
+        Whether a cut can name it.
+    branches: tuple of str
+        The branches a cut may name.
+    '''
+    name: str
+    kind: str
+    cuttable: bool
+    branches: Tuple[str, ...] = ()
+
+
+@dataclass
+class SupportReport:
+    '''What :py:func:`check` found out about one model.
+
+    Attributes
+    ----------
+    model: str
+        The model's type name.
+    traced: bool
+        Whether ``torch.fx`` traces it.
+    reason: str, optional
+        Why it is refused (the tracing error, or the failure), else None.
+    merges: list of :py:class:`MergeReport`
+        The merges of parallel paths, cuttable or not.
+    merged: list of str
+        The batch norms merged exactly.
+    unmerged: dict of str to str
+        The batch norms not merged, with the reason.
+    operations: list of :py:class:`~canonizers.graph.conservation.Operation`
+        The operations on the relevance path without a conserving rule (name, kind).
+    forward_float32, forward_float64: float, optional
+        Relative max deviation of the canonized model's output in float32 and float64 from the original in float64
+        (float64 arithmetic).
+    conservation: float, optional
+        ``R_in / R_out`` of a bias-free float64 copy under an epsilon-only composite
+        (:py:func:`canonizers.evaluation.conservation_composite`); 1 is exact.
+    notes: list of str
+        What could not be measured, and why.
+    status: str
+        ``"supported"``, ``"not conservative"`` or ``"refused"``.
+    verdict: str
+        One line.
+    '''
+    model: str
+    traced: bool
+    reason: Optional[str] = None
+    merges: List[MergeReport] = field(default_factory=list)
+    merged: List[str] = field(default_factory=list)
+    unmerged: Dict[str, str] = field(default_factory=dict)
+    operations: List[Operation] = field(default_factory=list)
+    forward_float32: Optional[float] = None
+    forward_float64: Optional[float] = None
+    conservation: Optional[float] = None
+    notes: List[str] = field(default_factory=list)
+    status: str = REFUSED
+    verdict: str = ''
+
+    @property
+    def exit_code(self) -> int:
+        '''0 when supported, 1 when not conservative, 2 when refused.'''
+        return EXIT_CODES[self.status]
+
+    @property
+    def supported(self) -> bool:
+        '''Whether the canonized model is exact and conserves relevance.'''
+        return self.status == SUPPORTED
+
+    def __str__(self) -> str:
+        lines = [f'model: {self.model}']
+        lines.append('traced: yes' if self.traced else f'traced: no ({self.reason})')
+        if self.traced:
+            cuttable = [merge for merge in self.merges if merge.cuttable]
+            lines.append(f'merges of parallel paths: {len(self.merges)} ({len(cuttable)} can be cut)' + (
+                ': ' + listing([_merge_text(merge) for merge in self.merges], 8) if self.merges else ''))
+            lines.append(f'batch norms: {len(self.merged)} merged exactly, {len(self.unmerged)} not merged' + (
+                ': ' + listing([f'{name!r} ({reason})' for name, reason in self.unmerged.items()])
+                if self.unmerged else ''))
+            if self.operations:
+                lines.append(f'operations without a conserving rule: {len(self.operations)}')
+                for kind, members in _by_kind(self.operations).items():
+                    lines.append(f'  {kind} ({count(members, "place")}): '
+                                 f'{listing([operation.describe() for operation in members])}')
+            else:
+                lines.append('operations without a conserving rule: none')
+            if self.forward_float64 is not None:
+                lines.append(f'forward deviation from float64 arithmetic: float32 {_number(self.forward_float32)}, '
+                             f'float64 {_number(self.forward_float64)}')
+            if self.conservation is not None:
+                lines.append(f'conservation (bias-free float64 copy, epsilon-only composite): R_in / R_out = '
+                             f'{self.conservation:.12g} (|error| {abs(self.conservation - 1):.1e})')
+        lines += [f'note: {note}' for note in self.notes]
+        lines.append(f'verdict: {self.verdict}')
+        return '\n'.join(lines)
+
+
+def _merge_text(merge: MergeReport) -> str:
+    if merge.cuttable:
+        return f'{merge.name} ({merge.kind}: {", ".join(merge.branches)})'
+    return f'{merge.name or "the forward"} ({merge.kind}, cannot be cut)'
+
+
+def _by_kind(operations: List[Operation]) -> Dict[str, List[Operation]]:
+    kinds: Dict[str, List[Operation]] = {}
+    for operation in operations:
+        kinds.setdefault(operation.kind, []).append(operation)
+    return kinds
+
+
+def _number(value: Optional[float]) -> str:
+    return '-' if value is None else f'{value:.1e}'
+
+
+def bias_free(model: torch.nn.Module) -> torch.nn.Module:
+    '''Set every bias of ``model`` (of linear layers, convolutions, normalizations) and every batch-norm mean to 0, in
+    place: without biases, the Epsilon rule conserves relevance exactly, so any loss is the rules' own.'''
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, 'bias', None)
+            if isinstance(bias, torch.Tensor):
+                bias.zero_()
+            mean = getattr(module, 'running_mean', None)
+            if isinstance(mean, torch.Tensor):
+                mean.zero_()
+    return model
+
+
+def check(model: torch.nn.Module, example_input: torch.Tensor, progress: bool = False) -> SupportReport:
+    '''The support report of ``model``: what :py:class:`~canonizers.GraphCanonizer` finds in it and how well the
+    canonized model keeps the forward and conserves relevance, measured on copies. Never changes ``model``.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model (checked in eval mode, as it is explained).
+    example_input: :py:obj:`torch.Tensor`
+        An input batch of the shape the model takes (random values are fine).
+    progress: bool
+        Print each step to stderr (large models take a while).
+
+    Returns
+    -------
+    :py:class:`SupportReport`
+        The report; ``report.status`` is ``"supported"`` (exact and conservative), ``"not conservative"`` or
+        ``"refused"`` (with ``report.reason``).
+    '''
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f'model must be a torch.nn.Module, not {type(model).__name__}')
+    if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
+        raise TypeError(f'example_input must be a floating-point tensor, not {type(example_input).__name__}'
+                        + (f' of {example_input.dtype}' if isinstance(example_input, torch.Tensor) else ''))
+    step = _progress(progress)
+    name = type(model).__name__
+    step(f'copying {name} to float64')
+    exact_model = copy.deepcopy(model).eval().requires_grad_(False).to(torch.float64)
+    data = example_input.detach().to(torch.float64)
+    report = SupportReport(name, traced=False)
+    step('tracing')
+    try:
+        compiled = compiled_for(exact_model)
+    except ValueError as error:
+        return _refused(report, str(error))
+    report.traced = True
+    _describe(report, compiled)
+    try:
+        step('forward in float64 and float32')
+        with torch.no_grad():
+            exact = exact_model(data)
+        if not bool(exact.abs().max() > 0):
+            report.notes.append('the output is 0 for this input (a head initialised to zero?): forward deviations are '
+                                'absolute')
+        report.forward_float64 = _deviation(_canonized(exact_model, lambda: exact_model(data)), exact)
+        single = copy.deepcopy(exact_model).to(torch.float32)
+        report.forward_float32 = _deviation(_canonized(single, lambda: single(data.float())), exact)
+        step('relevance of a bias-free float64 copy')
+        report.conservation = _conservation(bias_free(exact_model), data, report)
+    except (RuntimeError, ValueError, TypeError) as error:
+        return _refused(report, f'{type(error).__name__} while canonized: {str(error).splitlines()[0]}')
+    _judge(report)
+    step(f'verdict: {report.verdict}')
+    return report
+
+
+def _progress(enabled: bool) -> Callable[[str], None]:
+    def step(text: str) -> None:
+        if enabled:
+            print(f'check: {text}', file=sys.stderr, flush=True)
+    return step
+
+
+def _refused(report: SupportReport, reason: str) -> SupportReport:
+    report.reason = reason
+    report.status = REFUSED
+    report.verdict = f'refused because {reason}'
+    return report
+
+
+def _describe(report: SupportReport, compiled: Compiled) -> None:
+    table, blocks = compiled.table, compiled.catalog.blocks
+    report.merges = [MergeReport(name, merge.kind, True, tuple(blocks.get(name, ())))
+                     for name, merge in zip(table.names, table.merges)]
+    report.merges += [MergeReport(holder, reason, False) for holder, reason in compiled.unsupported]
+    report.merged = list(compiled.merged)
+    report.unmerged = dict(compiled.batch_norms.unmerged)
+    report.operations = list(compiled.operations)
+
+
+def _deviation(value: torch.Tensor, reference: torch.Tensor) -> float:
+    ''':py:func:`~canonizers.evaluation.relative_error`, absolute where the reference is 0.'''
+    if bool(reference.abs().max() > 0):
+        return relative_error(value, reference)
+    return (value.double() - reference.double()).abs().max().item()
+
+
+def _canonized(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # the report holds what the warnings say
+        warnings.simplefilter('ignore')
+        instances = GraphCanonizer().apply(model)
+    try:
+        with torch.no_grad():
+            return forward()
+    finally:
+        for instance in reversed(instances):
+            instance.remove()
+
+
+def _conservation(model: torch.nn.Module, data: torch.Tensor, report: SupportReport) -> Optional[float]:
+    '''``R_in / R_out`` for the output with the largest magnitude of the first sample, None (with a note) where the
+    bias-free output is 0.'''
+    from zennit.attribution import Gradient
+
+    with torch.no_grad():
+        output = model(data)
+    if output.ndim != 2:
+        report.notes.append(f'conservation not measured: the output has shape {tuple(output.shape)}, not [batch, '
+                            'classes]')
+        return None
+    target = int(output[0].abs().argmax())
+    if output[0, target] == 0:
+        report.notes.append('conservation not measured: every output of the bias-free copy is 0')
+        return None
+    composite = conservation_composite([GraphCanonizer()])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with Gradient(model, composite) as attributor:
+            output, relevance = attributor(data[:1].requires_grad_(), lambda out: output_relevance(out, target))
+    return relevance.sum().item() / output[0, target].item()
+
+
+def _judge(report: SupportReport) -> None:
+    exact = report.forward_float64 is not None and report.forward_float64 <= FORWARD_TOLERANCE
+    conserved = report.conservation is not None and abs(report.conservation - 1) <= CONSERVATION_TOLERANCE
+    if not exact:
+        report.status = NOT_CONSERVATIVE
+        report.verdict = (f'not exact: the canonized model deviates from the original by {report.forward_float64:.1e} '
+                          'in float64; please report this model')
+    elif report.operations:
+        report.status = NOT_CONSERVATIVE
+        kinds = _by_kind(report.operations)
+        report.verdict = 'exact, relevance not conserved at ' + '; '.join(
+            f'{count(members, "place")} of {kind} ({listing([member.describe() for member in members], 2)})'
+            for kind, members in kinds.items())
+    elif not conserved:
+        report.status = NOT_CONSERVATIVE
+        measured = 'not measured' if report.conservation is None else f'R_in / R_out = {report.conservation:.6g}'
+        report.verdict = (f'exact, relevance not conserved ({measured}) although no operation is known not to '
+                          'conserve it: please report this model')
+    else:
+        report.status = SUPPORTED
+        report.verdict = 'exact and conservative'
+
+
+__all__ = ['KINDS', 'MergeReport', 'SupportReport', 'bias_free', 'check']

@@ -1,0 +1,270 @@
+'''Never silent: every operation on the relevance path without a conserving rule is named (a warning per kind, and
+``canonizers.check``), measured against the conservation of a bias-free float64 copy; the report on models of
+different kinds; models that set their own forward, call a layer at several places, or hold attention modules.'''
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+from helpers import assert_untouched, conservation_composite, output_relevance, randomize_batch_norms, snapshot
+from zennit.attribution import Gradient
+from zennit.composites import EpsilonPlusFlat
+
+from canonizers import GraphCanonizer, NotConservedWarning, SupportReport, check
+from canonizers.evaluation import conservation
+from canonizers.support import bias_free
+
+TARGET = 3
+
+
+def wrapped_scale(x: torch.Tensor) -> torch.Tensor:
+    return x * 2.
+
+
+torch.fx.wrap('wrapped_scale')
+
+
+class Residual(torch.nn.Module):
+    '''A residual block whose branch is ``layer``.'''
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer(self.conv(x))
+
+
+class Net(torch.nn.Module):
+    '''stem, a residual block around ``layer``, head.'''
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.block = Residual(layer)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 10, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.block(torch.relu(self.stem(x)))).flatten(1))
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    def __init__(self) -> None:
+        super().__init__(2, 4)
+
+
+class Softmax(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.softmax(1)
+
+
+class Product(torch.nn.Module):
+    '''A product of two signals that is no gate.'''
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.tanh(x)
+
+
+class Wrapped(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return wrapped_scale(x)
+
+
+class Recurrent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(4, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        out, _ = self.rnn(x.flatten(2).transpose(1, 2))
+        return out.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+class Token(torch.nn.Module):
+    '''A learned token in the place of the signal's first row.'''
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = torch.nn.Parameter(torch.randn(1, 4, 1, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.token.expand(x.shape[0], -1, -1, -1), x[:, :, 1:]], 2)
+
+
+class Detached(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+
+#: layers without a conserving rule, the kind they are reported as, and their place
+NOT_CONSERVING = {
+    'layer norm': (lambda: torch.nn.LayerNorm([4, 8, 8]), 'normalization', 'block.layer'),
+    'group norm': (GroupNorm, 'normalization', 'block.layer'),
+    'softmax': (Softmax, 'softmax', 'block.layer'),
+    'product': (Product, 'product', 'block.layer'),
+    'wrapped function': (Wrapped, 'leaf function', 'block.layer'),
+    'recurrent': (Recurrent, 'recurrent', 'block.layer.rnn'),
+    'learned token': (Token, 'constant', 'block.layer'),
+    'detached': (Detached, 'detached', 'block.layer'),
+}
+
+
+def data(size: int = 8, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def make(layer: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Net(layer).double().eval()
+
+
+@pytest.mark.parametrize('case', list(NOT_CONSERVING))
+def test_every_operation_without_a_conserving_rule_is_named_and_measured(case):
+    build, kind, place = NOT_CONSERVING[case]
+    model = make(build())
+    with pytest.warns(NotConservedWarning, match=f"{place}'") as caught:
+        instances = GraphCanonizer().apply(model)
+    for instance in instances:
+        instance.remove()
+    assert len(caught) == 1
+    before = snapshot(model)
+    report = check(model, data())
+    assert_untouched(model, before)
+    assert report.status == 'not conservative' and report.exit_code == 1
+    assert [(operation.kind, operation.place.startswith(place.rsplit('.', 1)[0])) for operation in
+            report.operations] == [(kind, True)]
+    assert report.verdict.startswith('exact, relevance not conserved at 1 place of ' + kind)
+    # the oracle: the measured conservation of the bias-free copy is off indeed
+    assert abs(report.conservation - 1) > 1e-6
+    assert report.forward_float64 < 1e-12
+
+
+def test_a_conserving_model_is_reported_so_and_not_warned_about():
+    model = make(torch.nn.ReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        instances = GraphCanonizer().apply(model)
+    for instance in instances:
+        instance.remove()
+    report = check(model, data())
+    assert isinstance(report, SupportReport)
+    assert report.status == 'supported' and report.exit_code == 0 and report.verdict == 'exact and conservative'
+    assert report.operations == [] and abs(report.conservation - 1) < 1e-12
+    assert [(merge.name, merge.kind, merge.cuttable) for merge in report.merges] == [('block', 'sum', True)]
+    assert 'verdict: exact and conservative' in str(report)
+
+
+def test_an_untraceable_model_is_refused_with_the_reason():
+    class Dynamic(torch.nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    model = make(Dynamic())
+    before = snapshot(model)
+    report = check(model, data())
+    assert_untouched(model, before)
+    assert report.status == 'refused' and report.exit_code == 2 and not report.traced
+    assert 'torch.fx cannot trace' in report.reason and report.verdict.startswith('refused because ')
+
+
+def test_check_rejects_bad_arguments():
+    with pytest.raises(TypeError, match='model must be a torch.nn.Module, not str'):
+        check('resnet18', data())
+    with pytest.raises(TypeError, match='example_input must be a floating-point tensor'):
+        check(make(torch.nn.ReLU()), torch.zeros(1, 3, 8, 8, dtype=torch.long))
+
+
+def timm_model(name: str, **kwargs):
+    return lambda: timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
+def torchvision_model(name: str, **kwargs):
+    return lambda: getattr(torchvision.models, name)(num_classes=10, **kwargs)
+
+
+def vit():
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=10)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
+
+
+#: models of different kinds, their input size, the expected status, and the kinds of operations expected
+ZOO = {
+    'resnet18': (torchvision_model('resnet18'), 32, 'supported', set()),
+    'googlenet': (torchvision_model('googlenet', aux_logits=False, init_weights=False), 32, 'supported', set()),
+    # selective-kernel and split attention: softmax gates over branches, constant like squeeze-and-excitation
+    'timm:skresnet18': (timm_model('skresnet18'), 32, 'supported', set()),
+    'timm:resnest14d': (timm_model('resnest14d'), 32, 'supported', set()),
+    # sets its own forward in __init__ (self.forward = self.forward_split_cat)
+    'timm:fasternet_t0': (timm_model('fasternet_t0'), 32, 'supported', set()),
+    'timm:convnext_atto': (timm_model('convnext_atto'), 32, 'not conservative', {'normalization'}),
+    'vit_b_16 (2 layers)': (vit, 32, 'not conservative', {'normalization', 'attention', 'constant'}),
+    'timm:sequencer2d_s': (timm_model('sequencer2d_s'), 32, 'not conservative', {'normalization', 'recurrent'}),
+}
+
+
+@pytest.mark.parametrize('name', list(ZOO))
+def test_check_on_models_of_different_kinds(name):
+    build, size, status, kinds = ZOO[name]
+    torch.manual_seed(0)
+    model = randomize_batch_norms(build())
+    if name == 'timm:sequencer2d_s':
+        # timm starts its head at zero, which leaves no relevance to measure
+        torch.nn.init.normal_(model.head.fc.weight, std=0.02)
+    report = check(model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    assert report.status == status, report.verdict
+    assert {operation.kind for operation in report.operations} == kinds
+    assert report.forward_float64 < 1e-12 and report.forward_float32 < 1e-4
+    if status == 'supported':
+        assert abs(report.conservation - 1) < 1e-9
+    else:
+        assert abs(report.conservation - 1) > 1e-6
+
+
+class Shared(torch.nn.Module):
+    '''One convolution called at two places, on inputs of different sizes (as CoaT's position encodings).'''
+    def __init__(self, shared: bool = True) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.other = self.conv if shared else copy.deepcopy(self.conv)
+        self.pool = torch.nn.AvgPool2d(2)
+        self.relu1, self.relu2, self.relu3 = torch.nn.ReLU(), torch.nn.ReLU(), torch.nn.ReLU()
+        self.head = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(4, 10, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.conv(self.relu1(self.stem(x))))
+        x = self.relu3(self.other(self.pool(x)))
+        return self.fc(self.head(x).flatten(1))
+
+
+@pytest.mark.parametrize('size', [8, 9], ids=['same-shapes', 'other-shapes'])
+def test_a_layer_called_at_several_places_gets_a_rule_per_call(size):
+    torch.manual_seed(0)
+    model = Shared().double().eval()
+    # the oracle: zennit on the same function with a module per call (zennit alone fails or is wrong on the shared one)
+    separate = Shared(shared=False).double().eval()
+    separate.load_state_dict(model.state_dict(), strict=False)
+    separate.other.load_state_dict(model.conv.state_dict())
+    inputs = data(size)
+    composite = EpsilonPlusFlat
+    with Gradient(separate, composite()) as attributor:
+        _, expected = attributor(inputs.clone().requires_grad_(), lambda out: output_relevance(out, TARGET))
+    before = snapshot(model)
+    with Gradient(model, composite(canonizers=[GraphCanonizer()])) as attributor:
+        _, ours = attributor(inputs.clone().requires_grad_(), lambda out: output_relevance(out, TARGET))
+    assert_untouched(model, before)
+    assert torch.allclose(ours, expected, rtol=1e-10, atol=1e-14)
+    assert conservation(model, inputs, TARGET, [GraphCanonizer()]) == pytest.approx(1, abs=1e-9)
+
+
+def test_multi_head_attention_is_attributed_without_zennit_s_pass_rule_failing():
+    # zennit counts MultiheadAttention as an activation and attaches Pass, which fails on its several outputs
+    model = vit()
+    model = bias_free(randomize_batch_norms(model)).double()
+    with pytest.warns(NotConservedWarning, match='MultiheadAttention'):
+        with Gradient(model, conservation_composite([GraphCanonizer()])) as attributor:
+            output, relevance = attributor(data(32).requires_grad_(), lambda out: output_relevance(out, TARGET))
+    assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
