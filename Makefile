@@ -8,7 +8,7 @@ ZENNIT_051 := .zennit051
 ZENNIT_100 := .zennit100
 JOBS ?= 2
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint docs demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch torchvision
-	$(PY) -m pip install -q -e '.[crp,cli,test]'
+	$(PY) -m pip install -q -e '.[crp,cli,docs,test]'
 	touch $@
 
 $(ZENNIT_051)/.installed: $(VENV)/.installed
@@ -38,6 +38,10 @@ test: venv $(ZENNIT_051)/.installed $(ZENNIT_100)/.installed lint
 	@echo "== test suite with zennit 1.0.0"
 	PYTHONPATH=$(ZENNIT_100) $(PY) -m pytest -n $(JOBS) tests
 
+# the documentation, warnings as errors (tests/test_docs.py builds it too)
+docs: venv
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 demo: venv
 	$(PY) -m canonizers demo
 
@@ -45,4 +49,4 @@ bench: venv
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(ZENNIT_051) $(ZENNIT_100) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(ZENNIT_051) $(ZENNIT_100) .pytest_cache .ruff_cache *.egg-info docs/_build

@@ -1,9 +1,10 @@
 '''Pictures of leaky and isolated CRP conditional heatmaps, as written by the ``canonizers`` command line.
 
-Heatmaps are drawn with a red-white-blue colour map centred at 0 (red positive, blue negative relevance), each with
-its own symmetric range ``[-b, b]``, ``b`` the :py:data:`RANGE_PERCENTILE` th percentile of its absolute values, so
-that the pattern of every heatmap is visible whatever its magnitude and a few extreme pixels do not wash it out
-(pixels beyond are drawn at full colour); the magnitudes are in the labels.
+Heatmaps are drawn with a red-white-blue colour map centred at 0 (red positive, blue negative relevance) on a
+symmetric range ``[-b, b]``, ``b`` the :py:data:`RANGE_PERCENTILE` th percentile of the absolute values, so that a
+few extreme pixels do not wash the pattern out (pixels beyond are drawn at full colour). Per concept, the leaky and
+the isolated heatmap are drawn on one *shared* scale, so that their magnitudes compare, and the isolated heatmap once
+more on its *own* scale, so that its structure shows however much of the leaky relevance went around the layer.
 '''
 import math
 import textwrap
@@ -21,8 +22,12 @@ RANGE_PERCENTILE = 99.5
 #: inches per panel
 PANEL_SIZE = 2.0
 #: inches right of the panels for the colour bars
-COLORBAR_SPACE = 0.65
+COLORBAR_SPACE = 0.85
+#: inches between the shared-scale panels and the own-scale panel, for the shared scale's colour bar
+GAP = 0.35
 DPI = 100
+#: the titles' names of the two colour scales of a concept's row
+SHARED, OWN = 'shared scale', 'own scale'
 
 
 @dataclass
@@ -117,8 +122,11 @@ def explanation_figure(
     class_title: str,
     heading: str,
 ):
-    '''The picture of one image: the input, its class heatmap, and per concept the leaky, isolated and leaked
-    heatmaps side by side.
+    '''The picture of one image: the input, its class heatmap, and per concept the leaky and the isolated heatmap on
+    one shared colour scale, and the isolated heatmap on its own.
+
+    The leaked part (leaky minus isolated) is not drawn: it is what the leaky heatmap shows beyond the isolated one;
+    its sum and share are in the leaky panel's title.
 
     Parameters
     ----------
@@ -138,7 +146,9 @@ def explanation_figure(
     Returns
     -------
     :py:obj:`matplotlib.figure.Figure`
-        The picture; not attached to pyplot, so it needs no closing.
+        The picture; not attached to pyplot, so it needs no closing. Its axes are, in order: the input, the class
+        heatmap, the legend, then per concept the leaky (shared scale), isolated (shared scale) and isolated (own
+        scale) panels, then per concept the shared and the own colour bar.
     '''
     from matplotlib.figure import Figure
 
@@ -148,49 +158,56 @@ def explanation_figure(
     extra = 0.17 * heading.count('\n')
     # margins in inches: the heading on top, the row labels on the left
     top, left = 0.85 + extra, 0.55
-    width, height = 3 * PANEL_SIZE + 0.6 + COLORBAR_SPACE, rows * (PANEL_SIZE + 0.45) + 0.5 + extra
+    width = 3 * PANEL_SIZE + 2 * GAP + 0.6 + COLORBAR_SPACE
+    height = rows * (PANEL_SIZE + 0.45) + 0.5 + extra
     figure = Figure(figsize=(width, height), dpi=DPI)
-    axes = figure.subplots(rows, 3, squeeze=False)
+    # a gap column between the shared-scale panels and the own-scale one holds the shared scale's colour bar
+    grid = figure.add_gridspec(rows, 4, width_ratios=[PANEL_SIZE, PANEL_SIZE, 2 * GAP, PANEL_SIZE],
+                               left=left / width, right=1 - COLORBAR_SPACE / width, bottom=0.1 / height,
+                               top=1 - top / height, wspace=0.04, hspace=0.45 / PANEL_SIZE * 1.1)
     figure.suptitle(heading, fontsize=9.5)
 
-    draw_image(axes[0, 0], image, image_title)
-    draw_heatmap(axes[0, 1], class_heatmap, class_title)
-    _legend(axes[0, 2])
+    draw_image(figure.add_subplot(grid[0, 0]), image, image_title)
+    draw_heatmap(figure.add_subplot(grid[0, 1]), class_heatmap, class_title)
+    _legend(figure.add_subplot(grid[0, 2:]))
 
-    drawn = []
-    for row, panels in zip(axes[1:], concepts):
+    bars = []
+    for row, panels in enumerate(concepts, start=1):
         leaked = panels.leaky - panels.isolated
-        # one scale for the row: leaky, isolated and leaked are parts of one another, so their magnitudes must
-        # compare (each on its own scale, a small isolated heatmap would look as strong as the leaky one)
-        bound = max(color_bound(_as_array(values)) for values in (panels.leaky, panels.isolated, leaked))
-        share = 'no relevance' if math.isnan(panels.leaked_share) else f'{panels.leaked_share:.0%} leaked'
-        draw_heatmap(row[0], panels.leaky, f'leaky  R={relevance_label(panels.leaky.sum().item())}\n{share}', bound)
-        draw_heatmap(row[1], panels.isolated, f'isolated  R={relevance_label(panels.isolated.sum().item())}', bound)
-        title = f'leaked = leaky - isolated\nR={relevance_label(leaked.sum().item())}'
-        drawn.append(draw_heatmap(row[2], leaked, title, bound))
-        row[0].set_ylabel(f'concept {panels.concept}\nR at layer {relevance_label(panels.relevance)}', fontsize=8.5)
+        # leaky and isolated on one scale: the isolated heatmap is a part of the leaky one, so their magnitudes must
+        # compare; the isolated one again on its own scale, where its structure shows however faint it is there
+        shared = max(color_bound(_as_array(values)) for values in (panels.leaky, panels.isolated))
+        leaky_sum, isolated_sum = (relevance_label(values.sum().item()) for values in (panels.leaky, panels.isolated))
+        share = ('no relevance' if math.isnan(panels.leaked_share)
+                 else f'{panels.leaked_share:.0%} leaked ({relevance_label(leaked.sum().item())})')
+        leaky_ax, shared_ax, own_ax = (figure.add_subplot(grid[row, column]) for column in (0, 1, 3))
+        shared_image = draw_heatmap(leaky_ax, panels.leaky, f'leaky, {SHARED}\nR={leaky_sum}, {share}', shared)
+        draw_heatmap(shared_ax, panels.isolated, f'isolated, {SHARED}\nR={isolated_sum}', shared)
+        own_image = draw_heatmap(own_ax, panels.isolated, f'isolated, {OWN}\nR={isolated_sum}')
+        leaky_ax.set_ylabel(f'concept {panels.concept}\nR at layer {relevance_label(panels.relevance)}',
+                            fontsize=8.5)
+        bars.append((shared_ax, shared_image, own_ax, own_image))
 
-    right = COLORBAR_SPACE / width
-    figure.subplots_adjust(left=left / width, right=1 - right, bottom=0.1 / height, top=1 - top / height,
-                           wspace=0.08, hspace=0.45 / PANEL_SIZE * 1.1)
-    for row, image in zip(axes[1:], drawn):
-        # the row's colour bar, right of its last panel
-        box = row[2].get_position()
-        bar = figure.add_axes([box.x1 + 0.08 / width, box.y0, 0.1 / width, box.height])
-        figure.colorbar(image, cax=bar).ax.tick_params(labelsize=6.5)
+    for shared_ax, shared_image, own_ax, own_image in bars:
+        # the shared scale's bar right of the isolated panel on it, the own scale's right of the last panel
+        for ax, image in ((shared_ax, shared_image), (own_ax, own_image)):
+            box = ax.get_position()
+            bar = figure.add_axes([box.x1 + 0.06 / width, box.y0, 0.1 / width, box.height])
+            figure.colorbar(image, cax=bar).ax.tick_params(labelsize=6.5)
     return figure
 
 
 def _legend(ax) -> None:
     ax.axis('off')
-    ax.text(0., 1., (
-        'rows: concepts (channels)\nof the layer\n\n'
-        'leaky: CRP, relevance also\nflows around the layer\n'
-        'isolated: parallel paths cut\n\n'
-        'R: sum of the heatmap\n'
-        'leaked: share of |relevance|\nthrough parallel paths\n\n'
-        f'red +, blue -; one colour\nscale per row (bar on the\nright): the {RANGE_PERCENTILE:g}th percentile\nof |R| '
-        'of its three heatmaps'
+    ax.text(0.1, 1., (
+        'rows: concepts (channels) of the layer\n\n'
+        'leaky: CRP, relevance also flows\naround the layer (x% of it leaked)\n'
+        'isolated: all relevance passed the layer\n\n'
+        'R: sum of the heatmap\n\n'
+        'red +, blue -; colour range: the\n'
+        f'{RANGE_PERCENTILE:g}th percentile of |R|, bar at right\n'
+        'shared scale: leaky and isolated on one\nscale, their magnitudes compare\n'
+        'own scale: the isolated heatmap alone,\nits structure shows'
     ), transform=ax.transAxes, va='top', ha='left', fontsize=7.5, linespacing=1.25)
 
 

@@ -445,26 +445,40 @@ def test_picture_labels_and_symmetric_colour_ranges():
     from canonizers.figures import ConceptPanels, explanation_figure
 
     leaky = torch.linspace(-1., 3., 64).reshape(8, 8)
-    isolated = leaky * 0.25
+    # a faint isolated heatmap with a structure of its own (not a scaled copy of the leaky one)
+    isolated = torch.linspace(-1., 1., 64).reshape(8, 8).T * 0.01
     figure = explanation_figure(torch.rand(8, 8, 3), leaky * 10, [ConceptPanels(7, 0.5, leaky, isolated, 0.75)],
                                 image_title='input', class_title='class', heading='heading')
     axes = figure.axes
     titles = [ax.get_title() for ax in axes]
-    assert f'leaky  R={leaky.sum().item():+.3g}\n75% leaked' in titles
-    assert f'isolated  R={isolated.sum().item():+.3g}' in titles
-    assert any(title.startswith('leaked = leaky - isolated') for title in titles)
+    leaked = f'{(leaky - isolated).sum().item():+.3g}'
+    assert f'leaky, shared scale\nR={leaky.sum().item():+.3g}, 75% leaked ({leaked})' in titles
+    assert f'isolated, shared scale\nR={isolated.sum().item():+.3g}' in titles
+    assert f'isolated, own scale\nR={isolated.sum().item():+.3g}' in titles
+    # the leaked part is no panel of its own: it repeated the leaky heatmap
+    assert not any(title.startswith('leaked') for title in titles)
     assert 'concept 7' in axes[3].get_ylabel()
-    heatmaps = [image for ax in axes for image in ax.get_images() if image.get_cmap().name == 'bwr']
+    heatmaps = {ax.get_title(): image for ax in axes for image in ax.get_images() if image.get_cmap().name == 'bwr'}
     assert len(heatmaps) == 4
-    for image in heatmaps:
+    for image in heatmaps.values():
         low, high = image.get_clim()
         assert low == -high and high > 0.
-    # the class heatmap has its own range; leaky, isolated and leaked share one, so their magnitudes compare
-    assert heatmaps[0].get_clim() != heatmaps[1].get_clim()
-    assert len({image.get_clim() for image in heatmaps[1:]}) == 1
-    assert heatmaps[1].get_clim()[1] == pytest.approx(float(np.percentile(leaky.abs(), 99.5)))
-    # with a colour bar for the row
-    assert len(figure.axes) == 7
+    class_image, leaky_image, shared_image, own_image = heatmaps.values()
+    # leaky and isolated share one range, so their magnitudes compare: the larger of their two bounds
+    assert leaky_image.get_clim() == shared_image.get_clim()
+    assert shared_image.get_clim()[1] == pytest.approx(float(np.percentile(leaky.abs(), 99.5)))
+    # the isolated heatmap on its own range too, where its structure shows: drawn on the shared one, it would be
+    # a white square (its largest value is 1/300 of the range)
+    own_bound = float(np.percentile(isolated.abs(), 99.5))
+    assert own_image.get_clim()[1] == pytest.approx(own_bound)
+    assert own_image.get_clim()[1] <= isolated.abs().max().item() < shared_image.get_clim()[1] / 100
+    # the class heatmap has its own range
+    assert class_image.get_clim() != leaky_image.get_clim()
+    # a colour bar for each of the row's two scales, labelled with its range
+    bars = axes[6:]
+    assert len(bars) == 2
+    assert bars[0].get_ylim() == pytest.approx(shared_image.get_clim())
+    assert bars[1].get_ylim() == pytest.approx(own_image.get_clim())
 
 
 def test_zero_relevance_is_reported_as_such():
@@ -474,7 +488,7 @@ def test_zero_relevance_is_reported_as_such():
     assert math.isnan(leaked_share(zeros, zeros))
     figure = explanation_figure(torch.rand(8, 8, 3), zeros, [ConceptPanels(7, 0., zeros, zeros, math.nan)],
                                 image_title='input', class_title='class', heading='heading')
-    assert 'leaky  R=+0\nno relevance' in [ax.get_title() for ax in figure.axes]
+    assert 'leaky, shared scale\nR=+0, no relevance' in [ax.get_title() for ax in figure.axes]
     row = {'image': 'a/star.png', 'target_name': 'star', 'concept': 7, 'leaky_sum': 0., 'isolated_sum': 0.,
            'reference_sum': 0., 'max_deviation': '', 'leaked_share': ''}
     table = cli.format_table([row, dict(row, image='b/star.png')])
