@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .evaluation import conservation_composite, output_relevance, relative_error
+from .evaluation import conservation_composite, relative_error
 from .graph import GraphCanonizer
 from .graph.compiled import Compiled, compiled_for
 from .graph.conservation import KINDS, Operation, count, listing
@@ -269,26 +269,29 @@ def _canonized(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> t
 
 
 def _conservation(model: torch.nn.Module, data: torch.Tensor, report: SupportReport) -> Optional[float]:
-    '''``R_in / R_out`` for the output with the largest magnitude of the first sample, None (with a note) where the
-    bias-free output is 0.'''
+    '''``R_in / R_out`` for the output of the first sample with the largest magnitude (a logit, or any element of
+    another output), None (with a note) where the bias-free output is 0.'''
     from zennit.attribution import Gradient
 
     with torch.no_grad():
-        output = model(data)
-    if output.ndim != 2:
-        report.notes.append(f'conservation not measured: the output has shape {tuple(output.shape)}, not [batch, '
-                            'classes]')
+        output = model(data[:1])
+    if not isinstance(output, torch.Tensor):
+        report.notes.append(f'conservation not measured: the output is a {type(output).__name__}, not a tensor')
         return None
-    target = int(output[0].abs().argmax())
-    if output[0, target] == 0:
+    target = int(output.abs().argmax())
+    if output.flatten()[target] == 0:
         report.notes.append('conservation not measured: every output of the bias-free copy is 0')
         return None
+
+    def initial(out: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(out).flatten().index_fill(0, torch.tensor([target]), 1.).reshape(out.shape) * out
+
     composite = conservation_composite([GraphCanonizer()])
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         with Gradient(model, composite) as attributor:
-            output, relevance = attributor(data[:1].requires_grad_(), lambda out: output_relevance(out, target))
-    return relevance.sum().item() / output[0, target].item()
+            output, relevance = attributor(data[:1].requires_grad_(), initial)
+    return relevance.sum().item() / output.flatten()[target].item()
 
 
 def _judge(report: SupportReport) -> None:

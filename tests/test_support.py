@@ -268,3 +268,40 @@ def test_multi_head_attention_is_attributed_without_zennit_s_pass_rule_failing()
         with Gradient(model, conservation_composite([GraphCanonizer()])) as attributor:
             output, relevance = attributor(data(32).requires_grad_(), lambda out: output_relevance(out, TARGET))
     assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+
+
+class Cached(torch.nn.Module):
+    '''Fills a cache in its forward, as LeViT's attention biases do in eval mode.'''
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.scale = torch.nn.Parameter(torch.rand(3, 1, 1) + .5)
+        self.cache = {}
+
+    def forward(self, x: torch.Tensor, mask: 'torch.Tensor | None' = None) -> torch.Tensor:
+        if 'scale' not in self.cache:
+            self.cache['scale'] = self.scale * 1.
+        if mask is not None:
+            # the branch a call model(x) never takes: traced with mask as an input, it would be the canonized forward
+            x = x * mask
+        return self.conv(x) * self.cache['scale'] + x
+
+
+def test_tracing_fills_no_cache_of_the_model_and_takes_optional_arguments_at_their_defaults():
+    torch.manual_seed(0)
+    model = Cached().double().eval()
+    before = snapshot(model)
+    reference = model(data())
+    model.cache.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        instances = GraphCanonizer().apply(model)
+    # the cache holds no proxy of the trace: the model still runs, copies and is canonized exactly
+    assert torch.equal(model(data()), reference)
+    for instance in instances:
+        instance.remove()
+    assert all(isinstance(value, torch.Tensor) for value in model.cache.values())
+    model.cache.clear()
+    assert_untouched(model, before)
+    assert torch.equal(copy.deepcopy(model)(data()), reference)
+    assert check(model, data()).status == 'supported'

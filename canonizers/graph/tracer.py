@@ -1,8 +1,10 @@
 '''Tracing a model with ``torch.fx`` without touching it: leaves as zennit needs them, the user's hooks left out,
 and nothing left behind on the model.'''
 import collections
+import copy
+import inspect
 import sys
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx
@@ -10,6 +12,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from zennit.layer import Sum
 
+#: what every module holds in its ``__dict__`` (registries, hooks), restored otherwise
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 #: the hook registries of a module that would run (on proxies) while tracing through its forward
 _HOOK_DICTS = ('_forward_hooks', '_forward_pre_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called',
                '_forward_pre_hooks_with_kwargs')
@@ -57,6 +61,20 @@ class LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(module, qualified_name)
 
 
+def _defaults(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
+    '''The optional arguments of the model's forward after the input, at their defaults (``mask=None``): traced as
+    inputs, ``if mask is not None`` would take the branch a call ``model(x)`` never takes.'''
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    defaults = {parameter.name: parameter.default for parameter in parameters[1:]
+                if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+                and parameter.default is not parameter.empty
+                and (parameter.default is None or isinstance(parameter.default, (bool, int, float, str)))}
+    return defaults or None
+
+
 def trace(model: torch.nn.Module) -> Tuple[torch.fx.Graph, Dict[str, Any], Tuple[type, ...]]:
     '''Trace ``model`` with :py:class:`LeafTracer`, with its hooks left out and nothing left on it.
 
@@ -81,6 +99,9 @@ def trace(model: torch.nn.Module) -> Tuple[torch.fx.Graph, Dict[str, Any], Tuple
     '''
     modules = list(model.modules())
     saved: List[Tuple[torch.nn.Module, str, Any]] = []
+    # caches a forward fills (LeViT's attention-bias cache) would keep proxies: their contents are put back
+    containers = [(value, copy.copy(value)) for module in modules for key, value in vars(module).items()
+                  if key not in _MODULE_INTERNALS and type(value) in (dict, list, set, collections.OrderedDict)]
     attributes = set(vars(model))
     registered = {store: set(model.__dict__[store]) for store in ('_parameters', '_buffers', '_modules')}
     try:
@@ -92,18 +113,24 @@ def trace(model: torch.nn.Module) -> Tuple[torch.fx.Graph, Dict[str, Any], Tuple
                     module.__dict__[key] = collections.OrderedDict()
         opaque: Tuple[type, ...] = ()
         try:
-            graph = LeafTracer().trace(model)
+            graph = LeafTracer().trace(model, concrete_args=_defaults(model))
         except Exception as error:
             # timm's no-trace modules, whole, may be what keeps the model from being traced
             try:
                 tracer = LeafTracer(opaque=True)
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=_defaults(model))
                 opaque = tracer.extra_leaves
             except Exception:
                 raise TraceFailure(model, error) from error
     finally:
         for module, key, registry in saved:
             module.__dict__[key] = registry
+        for value, contents in containers:
+            value.clear()
+            if isinstance(value, list):
+                value.extend(contents)
+            else:
+                value.update(contents)
         added = {key: model.__dict__.pop(key) for key in set(vars(model)) - attributes}
         # constants set through Module.__setattr__ land in the registries: take them off as well
         for store, keys in registered.items():

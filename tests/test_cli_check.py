@@ -1,0 +1,75 @@
+'''``canonizers check`` and the support warnings of ``explain``: exit status 0 supported, 1 not conservative, 2 refused
+or a usage error (one line, no traceback); ``explain`` prints the verdict above its table where a model is not
+supported, and flags isolated heatmaps that deviate from CRP's reference above rounding.'''
+import contextlib
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from canonizers import cli
+from canonizers.cli.checking import deviation_warnings
+from canonizers.evaluation import randomize_batch_norms
+
+pytest.importorskip('crp')
+timm = pytest.importorskip('timm')
+
+
+def run(*argv):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = cli.main([str(arg) for arg in argv])
+    return status, stdout.getvalue(), stderr.getvalue()
+
+
+def test_check_a_conserving_model_exits_0():
+    status, stdout, stderr = run('check', 'demo')
+    assert status == 0, stderr
+    assert 'traced: yes' in stdout and 'operations without a conserving rule: none' in stdout
+    assert 'verdict: exact and conservative' in stdout
+    # progress on stderr, step by step
+    assert 'check: tracing' in stderr and 'check: relevance of a bias-free float64 copy' in stderr
+
+
+def test_check_a_model_that_does_not_conserve_exits_1_and_names_the_operations():
+    status, stdout, _ = run('check', 'timm:convnext_atto', '--size', '32')
+    assert status == 1
+    assert "normalization (17 places): layer_norm in 'stem.1'" in stdout
+    assert 'verdict: exact, relevance not conserved at 17 places of normalization' in stdout
+
+
+@pytest.mark.parametrize('argv, message', [
+    (('check', 'resnet1'), "unknown model 'resnet1'; closest:"),
+    (('check', 'timm:nosuchnet'), "unknown timm model 'nosuchnet'"),
+    (('check', 'demo', '--size', '0'), '--size 0: must be a positive number of pixels'),
+])
+def test_check_usage_errors_are_one_line_with_status_2(argv, message):
+    status, stdout, stderr = run(*argv)
+    assert status == 2 and stdout == ''
+    assert stderr.count('\n') == 1 and message in stderr and 'Traceback' not in stderr
+
+
+def test_explain_prints_the_verdict_above_its_table_where_a_model_is_not_supported(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(timm.create_model('convnext_atto', pretrained=False, num_classes=10))
+    weights = tmp_path / 'convnext.pt'
+    torch.save(model.state_dict(), weights)
+    image = tmp_path / 'noise.png'
+    Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(
+        image)
+    status, stdout, stderr = run('explain', '--model', 'timm:convnext_atto', '--weights', weights, '--image', image,
+                                 '--layer', 'stages.1.blocks.0.conv_dw', '--top', '1', '--size', '32',
+                                 '--out', tmp_path / 'out')
+    assert status == 0, stderr
+    warning = next(line for line in stdout.splitlines() if line.startswith('warning: '))
+    assert warning.startswith('warning: exact, relevance not conserved at 17 places of normalization')
+    assert stdout.index(warning) < stdout.index('concept')
+
+
+def test_deviations_above_rounding_are_flagged():
+    rows = [{'image': 'a.png', 'concept': 3, 'max_deviation': 2e-7}, {'image': 'b.png', 'concept': 5,
+                                                                      'max_deviation': 0.3},
+            {'image': 'c.png', 'concept': 1, 'max_deviation': ''}]
+    warnings = deviation_warnings(rows)
+    assert len(warnings) == 1 and 'concept 5 of b.png' in warnings[0] and 'above float32 rounding' in warnings[0]
