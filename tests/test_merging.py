@@ -14,21 +14,27 @@ def test_exact_merge_where_zennit_is_off(dtype, tolerance):
     model = make_model('resnet50', dtype=dtype)
     data = make_input(2, dtype=dtype, requires_grad=False)
     reference = model(data)
+    # against exact (float64) arithmetic, not against the float32 original, whose own rounding error (0.8e-6 to
+    # 1.7e-6 here, depending on the CPU and the thread count) would add to the merged model's: within the tolerance,
+    # or 4x the original's own error where that is larger (the merged model's is another draw of the same rounding,
+    # measured up to 1.5e-6); in float64 the original is the exact reference
+    exact = make_model('resnet50', dtype=torch.float64)(data.double())
+    bound = max(tolerance, 4 * relative_error(reference, exact))
 
     instances = SequentialMergeBatchNorm().apply(model)
-    zennit_error = relative_error(model(data), reference)
+    zennit_error = relative_error(model(data), exact)
     for instance in instances:
         instance.remove()
 
     instances = ExactMergeBatchNorm().apply(model)
-    error = relative_error(model(data), reference)
+    error = relative_error(model(data), exact)
     for instance in instances:
         instance.remove()
 
-    assert error <= tolerance
+    assert error <= bound
     if RULES_ASSIGN_PARAMETERS:
         # zennit 1.0 sets the merged batch norms' eps to 0 as well: exact to rounding, as ours
-        assert zennit_error <= 10 * tolerance
+        assert zennit_error <= bound
     else:
         # zennit 0.4.6 and 0.5.1 keep eps in the merged batch norm: an error far above rounding in both dtypes
         assert zennit_error > 1e-5

@@ -26,18 +26,36 @@ def test_fidelity_and_bitwise_restore(name, cut):
     model = make_model(name)
     data = make_input(2, requires_grad=False)
     reference = model(data)
-    # float32 rounding level: measured against exact (float64) arithmetic, the canonized model is within 2e-6, or no
-    # further off than the original float32 model itself is (2.5e-6 on the resnet34 here)
+    # float32 rounding level against exact (float64) arithmetic (exactness itself: the float64 test below): within
+    # 2e-6, or 4x the original's own rounding error where that is larger. The canonized model is another float32
+    # computation of the same function, its error another draw of the same rounding (measured at 1 and 2 threads and
+    # with other CPU kernels: 0.6x to 2x the original's). The float32 resnet34 itself is off by 1.9e-6 to 2.9e-6
+    # depending on the CPU, the thread count and the input (the canonized one by up to 3.7e-6), so its tolerance is
+    # 1e-5, still far below a batch-norm epsilon error (7.5e-5 there)
     exact = make_model(name, dtype=torch.float64)(data.double())
     own_rounding = relative_error(reference.double(), exact)
     before = snapshot(model)
     instances = ResNetCanonizer(cut=cut).apply(model)
     canonized = model(data)
-    assert relative_error(canonized.double(), exact) <= max(2e-6, 1.1 * own_rounding)
+    tolerance = 1e-5 if name == 'resnet34' else 2e-6
+    assert relative_error(canonized.double(), exact) <= max(tolerance, 4 * own_rounding)
     for instance in instances:
         instance.remove()
     assert_untouched(model, before)
     assert torch.equal(model(data), reference)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_fidelity_float64_inside_a_composite(name):
+    # exact in float64 (5.7e-15 measured), whatever the float32 rounding above
+    model = make_model(name, dtype=torch.float64)
+    data = make_input(2, dtype=torch.float64, requires_grad=False)
+    reference = model(data)
+    before = snapshot(model)
+    cut = {'layer2.0': 'residual', 'layer4.1': 'skip'}
+    with EpsilonPlusFlat(canonizers=[ResNetCanonizer(cut=cut)]).context(model) as modified:
+        assert relative_error(modified(data), reference) <= 1e-12
+    assert_untouched(model, before)
 
 
 @pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
