@@ -16,6 +16,7 @@ from .graph.conservation import NotConservedWarning
 from .layers import ThresholdReLU
 from .masked_sum import MaskedSum
 from .merging import ExactMergeBatchNorm, LinearMerge
+from .registry import FAMILIES  # noqa: F401 (the families' misfit warnings name the families that fit)
 from .support import SupportReport, check
 
 __all__ = [

@@ -11,9 +11,20 @@ from .compat import RestoreSwappedParameters
 from .cuts import BlockCatalog, CutLike, PerSampleCut, parse_cut, public_cut
 from .lifecycle import remove_all, require_eval
 from .rewrites import ForwardRewrite
+from .tracing import TracingError, describe, traced_merges
 
 #: what a family's cut gives per block: the branch to cut, or the branches where several are
 Branches = Union[str, Tuple[str, ...]]
+
+#: the family canonizers that fit a model, for the hint of :py:meth:`FamilyCanonizer.misfit`: the registry of the
+#: families (:py:func:`canonizers.registry.families_for`) sets it, so that this module knows no family
+_FITTING: List[Callable[[torch.nn.Module], Sequence['FamilyCanonizer']]] = []
+
+
+def find_fitting_families_with(finder: Callable[[torch.nn.Module], Sequence['FamilyCanonizer']]) -> None:
+    '''Have :py:meth:`FamilyCanonizer.misfit` name the families that ``finder`` says fit a model (the registry of
+    the families calls this on import, which ``import canonizers`` does).'''
+    _FITTING[:] = [finder]
 
 
 class FamilyCanonizer(CompositeCanonizer):
@@ -128,12 +139,8 @@ class FamilyCanonizer(CompositeCanonizer):
 
     def misfit(self, root_module: torch.nn.Module) -> str:
         '''Why this family does not fit ``root_module``, and what would.'''
-        # imported here: the registry and the tracer import the families, which import this module
-        from .registry import families_for
-        from .tracing import TracingError, describe, traced_merges
-
         model = type(root_module).__name__
-        fitting = [type(family).__name__ for family in families_for(root_module)]
+        fitting = [type(family).__name__ for finder in _FITTING for family in finder(root_module)]
         merges = None if fitting else traced_merges(root_module)
         if fitting:
             hint = f'{" or ".join(fitting)} fits this model'
