@@ -7,11 +7,11 @@ from typing import Dict, List, Type
 
 import torch
 
+from .core.family import FamilyCanonizer, find_fitting_families_with
 from .families.densenet import DenseNetCanonizer
 from .families.efficientnet import EfficientNetCanonizer
 from .families.mobilenet import MobileNetCanonizer
 from .families.resnet import ResNetCanonizer
-from .family import FamilyCanonizer, find_fitting_families_with
 
 #: the family canonizers of this package, by name
 FAMILIES: Dict[str, Type[FamilyCanonizer]] = {

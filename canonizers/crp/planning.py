@@ -8,9 +8,9 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from ..family import FamilyCanonizer
+from ..core.family import FamilyCanonizer
+from ..core.tracing import ParallelPaths, TracingError, describe, parallel_paths
 from ..registry import families_for
-from ..tracing import ParallelPaths, TracingError, describe, parallel_paths
 
 #: CRP's name of the model output in conditions (``CondAttribution.MODEL_OUTPUT_NAME``)
 MODEL_OUTPUT_NAME = 'y'

@@ -38,11 +38,11 @@ class FamilyCanonizer(CompositeCanonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance.
     parts: sequence of :py:obj:`zennit.canonizers.Canonizer`, optional
         The parts, instead of new instances of :py:attr:`parts`; those that are
-        :py:class:`~canonizers.blocks.BlockCanonizer` share the cut.
+        :py:class:`~canonizers.core.blocks.BlockCanonizer` share the cut.
     '''
     #: the parts of the family: classes (or factories) of canonizers following the check-then-apply protocol
     parts: Tuple[Callable[[], Canonizer], ...] = ()
@@ -94,7 +94,7 @@ class FamilyCanonizer(CompositeCanonizer):
 
         Returns
         -------
-        :py:class:`~canonizers.cuts.BlockCatalog`
+        :py:class:`~canonizers.core.cuts.BlockCatalog`
             The cuttable blocks of the model.
         '''
         return self._check_parts(root_module)[0]
@@ -162,9 +162,9 @@ class FamilyCanonizer(CompositeCanonizer):
         '''The cut that makes all relevance reaching the input pass through every one of ``layers``.
 
         A layer inside a cuttable block cuts the block's other branches (see
-        :py:meth:`~canonizers.blocks.BlockCanonizer.isolating_cut`): the skip for a layer in the transforming branch,
-        the residual branch for a layer in the shortcut. The block itself, and layers outside cuttable blocks, need no
-        cut.
+        :py:meth:`~canonizers.core.blocks.BlockCanonizer.isolating_cut`): the skip for a layer in the transforming
+        branch, the residual branch for a layer in the shortcut. The block itself, and layers outside cuttable blocks,
+        need no cut.
 
         Parameters
         ----------
