@@ -1,7 +1,11 @@
 '''zennit canonizers that cut named parallel paths, for isolated CRP conditional heatmaps.'''
 __version__ = '0.1.0'
 
-from .cuts import PerSampleCut
+from .core.cuts import PerSampleCut
+from .core.gates import ConstantGate, SqueezeExcitationCanonizer
+from .core.layers import ThresholdReLU
+from .core.masked_sum import MaskedSum
+from .core.merging import ExactMergeBatchNorm, LinearMerge
 from .families.densenet import DenseBlockCanonizer, DenseLayerCanonizer, DenseNetCanonizer, DenseNetHeadCanonizer
 from .families.efficientnet import EfficientNetCanonizer, MBConvCanonizer
 from .families.mobilenet import (
@@ -10,12 +14,9 @@ from .families.mobilenet import (
     MobileNetV3InvertedResidualCanonizer,
 )
 from .families.resnet import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer, ResNetCanonizer
-from .gates import ConstantGate, SqueezeExcitationCanonizer
 from .graph import GraphCanonizer
 from .graph.conservation import NotConservedWarning
-from .layers import ThresholdReLU
-from .masked_sum import MaskedSum
-from .merging import ExactMergeBatchNorm, LinearMerge
+from .registry import FAMILIES  # noqa: F401 (the families' misfit warnings name the families that fit)
 from .support import SupportReport, check
 
 __all__ = [

@@ -13,7 +13,7 @@ from zennit.layer import Sum
 from zennit.rules import Epsilon, Norm, Pass
 from zennit.types import Activation, AvgPool, BatchNorm, Linear
 
-from .patch import ModulePatch
+from .core.patch import ModulePatch
 
 
 def randomize_batch_norms(

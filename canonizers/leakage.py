@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .family import FamilyCanonizer
+from .core.family import FamilyCanonizer
 
 MODEL_OUTPUT = 'y'
 

@@ -7,11 +7,11 @@ from typing import Dict, List, Type
 
 import torch
 
+from .core.family import FamilyCanonizer, find_fitting_families_with
 from .families.densenet import DenseNetCanonizer
 from .families.efficientnet import EfficientNetCanonizer
 from .families.mobilenet import MobileNetCanonizer
 from .families.resnet import ResNetCanonizer
-from .family import FamilyCanonizer
 
 #: the family canonizers of this package, by name
 FAMILIES: Dict[str, Type[FamilyCanonizer]] = {
@@ -26,3 +26,7 @@ def families_for(root_module: torch.nn.Module) -> List[FamilyCanonizer]:
     '''Unregistered instances of the family canonizers that rewrite blocks of ``root_module``.'''
     instances = [cls() for cls in FAMILIES.values()]
     return [instance for instance in instances if instance.rewrites_blocks_of(root_module)]
+
+
+# the families' misfit warnings name the families that fit the model
+find_fitting_families_with(families_for)

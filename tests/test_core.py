@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from canonizers import MaskedSum
-from canonizers.blocks import BlockCanonizer
-from canonizers.family import FamilyCanonizer
+from canonizers.core.blocks import BlockCanonizer
+from canonizers.core.family import FamilyCanonizer
 
 
 class ThreeWay(torch.nn.Module):

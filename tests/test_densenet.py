@@ -135,7 +135,7 @@ def test_threshold_relu_splits_relu_of_an_affine_map():
     scale = torch.tensor([1.5, -0.7, 0., 0., 2.], dtype=torch.float64)
     shift = torch.tensor([0.3, 0.4, 0.5, -0.5, -1.], dtype=torch.float64)
     data = torch.randn(4, 5, 6, 6, generator=generator, dtype=torch.float64)
-    from canonizers.merging import threshold_relu
+    from canonizers.core.merging import threshold_relu
     module, factor, offset = threshold_relu(scale, shift, data)
     shape = (-1, 1, 1)
     expected = torch.relu(data * scale.reshape(shape) + shift.reshape(shape))

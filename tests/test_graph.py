@@ -35,7 +35,7 @@ from canonizers import (
     PerSampleCut,
     ResNetCanonizer,
 )
-from canonizers.compat import RULES_ASSIGN_PARAMETERS
+from canonizers.core.compat import RULES_ASSIGN_PARAMETERS
 from canonizers.evaluation import gradient_errors, parameter_gradients
 from canonizers.graph import GraphCanonizer, graph_cuts_for
 from canonizers.graph.compiled import compiled_for

@@ -31,8 +31,8 @@ from canonizers import (
     PerSampleCut,
     SqueezeExcitationCanonizer,
 )
-from canonizers.family import FamilyCanonizer
-from canonizers.masked_sum import MaskedSum
+from canonizers.core.family import FamilyCanonizer
+from canonizers.core.masked_sum import MaskedSum
 from canonizers.registry import families_for
 
 TARGET = 3

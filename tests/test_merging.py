@@ -6,7 +6,7 @@ from helpers import assert_untouched, make_input, make_model, relative_error, sn
 from zennit.canonizers import SequentialMergeBatchNorm
 
 from canonizers import ExactMergeBatchNorm, ResNetCanonizer
-from canonizers.compat import RULES_ASSIGN_PARAMETERS
+from canonizers.core.compat import RULES_ASSIGN_PARAMETERS
 
 
 @pytest.mark.parametrize('dtype, tolerance', [(torch.float32, 2e-6), (torch.float64, 1e-12)])

@@ -18,7 +18,7 @@ from canonizers import (
     MobileNetCanonizer,
     ResNetCanonizer,
 )
-from canonizers.compat import RULES_ASSIGN_PARAMETERS, RestoreSwappedParameters
+from canonizers.core.compat import RULES_ASSIGN_PARAMETERS, RestoreSwappedParameters
 from canonizers.evaluation import constant_gates, gradient_errors, parameter_gradients
 
 TARGET = 3

@@ -6,8 +6,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..cuts import RESIDUAL, SKIP
-from ..family import FamilyCanonizer
+from ..core.cuts import RESIDUAL, SKIP
+from ..core.family import FamilyCanonizer
 from ..registry import families_for
 from .models import build_architecture, check_model_name, graph_canonizer
 

@@ -303,8 +303,8 @@ def _imagenet_categories(name: str, model: torch.nn.Module) -> Optional[Sequence
 
 def graph_canonizer(name: str, model: torch.nn.Module) -> type:
     ''':py:class:`~canonizers.GraphCanonizer` for a model no family canonizer fits, if torch.fx can trace it.'''
+    from ..core.tracing import TracingError, traced_merges
     from ..graph import GraphCanonizer
-    from ..tracing import TracingError, traced_merges
 
     merges = traced_merges(model)
     if isinstance(merges, TracingError):

@@ -3,7 +3,7 @@
 Every batch norm is merged exactly: ``conv0 -> norm0`` and ``conv1 -> norm2`` into the convolution before, and the
 pre-activation batch norms (``norm1 -> relu1 -> conv1`` in dense layers, ``norm -> relu -> conv`` in transitions,
 ``norm5 -> ReLU -> pool -> classifier`` at the head) into the layer after, with the ReLU replaced by a
-:py:class:`~canonizers.layers.ThresholdReLU` (Motzkus et al., "Measurably Stronger Explanation Reliability via Model
+:py:class:`~canonizers.ThresholdReLU` (Motzkus et al., "Measurably Stronger Explanation Reliability via Model
 Canonization", ICIP 2022).
 
 The dense connections can be cut. A dense block concatenates its input ``x0`` and the outputs ``f1, f2, ...`` of its
@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
 
-from ..blocks import BlockCanonizer
-from ..cuts import RESIDUAL, SKIP, BlockCatalog, ResolvedCut
-from ..family import FamilyCanonizer
-from ..masked_sum import mask_columns, mask_gradient
-from ..merging import ExactMergeBatchNorm, LinearMerge, apply_merge, check_merge
-from ..patch import ModulePatch
-from ..rewrites import Checked, ForwardRewrite
+from ..core.blocks import BlockCanonizer
+from ..core.cuts import RESIDUAL, SKIP, BlockCatalog, ResolvedCut
+from ..core.family import FamilyCanonizer
+from ..core.masked_sum import mask_columns, mask_gradient
+from ..core.merging import ExactMergeBatchNorm, LinearMerge, apply_merge, check_merge
+from ..core.patch import ModulePatch
+from ..core.rewrites import Checked, ForwardRewrite
 
 
 def densenet_merges(root_module: torch.nn.Module) -> List[LinearMerge]:
@@ -45,7 +45,7 @@ def densenet_merges(root_module: torch.nn.Module) -> List[LinearMerge]:
 
     Returns
     -------
-    list of :py:class:`~canonizers.merging.LinearMerge`
+    list of :py:class:`~canonizers.LinearMerge`
         ``norm1 -> relu1 -> conv1 -> norm2`` of each dense layer, ``norm -> relu -> conv`` of each transition and
         ``conv0 -> norm0`` of each DenseNet.
     '''
@@ -69,7 +69,7 @@ def head_merge(module: DenseNet) -> LinearMerge:
 class DenseNetHeadCanonizer(ForwardRewrite):
     '''Canonizer for torchvision's ``DenseNet`` itself: the forward calls the final ReLU and the average pool as
     modules (``canonizer_relu``, ``canonizer_pool``), so that composites map rules onto them, and ``norm5`` is merged
-    into the classifier with the ReLU as a :py:class:`~canonizers.layers.ThresholdReLU`. It has nothing to cut.
+    into the classifier with the ReLU as a :py:class:`~canonizers.ThresholdReLU`. It has nothing to cut.
 
     The head's merge lives here, in the same record as the added ReLU it replaces, so that the instances of
     :py:class:`DenseNetCanonizer` can be removed in any order.
@@ -143,7 +143,7 @@ class DenseBlockCanonizer(BlockCanonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance.
     '''
     block_types = (_DenseBlock,)
@@ -197,7 +197,7 @@ class DenseLayerCanonizer(BlockCanonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance.
     '''
     block_types = (_DenseLayer,)
@@ -226,12 +226,12 @@ class DenseNetCanonizer(FamilyCanonizer):
     '''Canonizer for torchvision DenseNet-121, -161, -169 and -201 (with or without ``memory_efficient``).
 
     Merges every batch norm exactly (the pre-activation ones into the layer after them, with a
-    :py:class:`~canonizers.layers.ThresholdReLU`), calls the final ReLU and average pool as modules, and rewrites
+    :py:class:`~canonizers.ThresholdReLU`), calls the final ReLU and average pool as modules, and rewrites
     dense blocks and dense layers so that their dense connections can be cut.
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance: dense block names (``"features.denseblock2"``), dense layer names
         (``"features.denseblock2.denselayer3"``) or glob patterns whose skip path is cut, or a mapping of them to
         ``"skip"`` or ``"residual"``. A dense layer's skip cut makes all relevance reaching the features before it

@@ -2,10 +2,10 @@
 import torch
 from torchvision.models.efficientnet import FusedMBConv, MBConv
 
-from ..family import FamilyCanonizer
-from ..gates import SqueezeExcitationCanonizer
-from ..merging import ExactMergeBatchNorm
-from ..residual import InvertedResidualCanonizer, residual_sum
+from ..core.family import FamilyCanonizer
+from ..core.gates import SqueezeExcitationCanonizer
+from ..core.merging import ExactMergeBatchNorm
+from ..core.residual import InvertedResidualCanonizer, residual_sum
 
 
 class MBConvCanonizer(InvertedResidualCanonizer):
@@ -18,7 +18,7 @@ class MBConvCanonizer(InvertedResidualCanonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance.
     '''
     block_types = (MBConv, FusedMBConv)
@@ -35,12 +35,12 @@ class EfficientNetCanonizer(FamilyCanonizer):
     Merges every batch norm exactly into the convolution before it, rewrites the forward of ``MBConv`` and
     ``FusedMBConv`` blocks with a residual connection to add input and transforming branch through a
     :py:class:`~canonizers.MaskedSum` (stochastic depth as in eval mode), and treats the gates of the
-    squeeze-and-excitation blocks as constants, see :py:class:`~canonizers.gates.SqueezeExcitationCanonizer`. Blocks
+    squeeze-and-excitation blocks as constants, see :py:class:`~canonizers.SqueezeExcitationCanonizer`. Blocks
     without a residual connection are left alone.
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance: block names (``"features.3.1"``) or glob patterns (``"features.6.*"``) whose
         skip path is cut, or a mapping of them to ``"skip"`` or ``"residual"``. Only blocks with a residual connection
         can be named.

@@ -2,10 +2,10 @@
 import torch
 from torchvision.models import mobilenetv2, mobilenetv3
 
-from ..family import FamilyCanonizer
-from ..gates import SqueezeExcitationCanonizer
-from ..merging import ExactMergeBatchNorm
-from ..residual import InvertedResidualCanonizer, residual_sum
+from ..core.family import FamilyCanonizer
+from ..core.gates import SqueezeExcitationCanonizer
+from ..core.merging import ExactMergeBatchNorm
+from ..core.residual import InvertedResidualCanonizer, residual_sum
 
 
 class MobileNetV2InvertedResidualCanonizer(InvertedResidualCanonizer):
@@ -14,7 +14,7 @@ class MobileNetV2InvertedResidualCanonizer(InvertedResidualCanonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance.
     '''
     block_types = (mobilenetv2.InvertedResidual,)
@@ -31,7 +31,7 @@ class MobileNetV3InvertedResidualCanonizer(InvertedResidualCanonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance.
     '''
     block_types = (mobilenetv3.InvertedResidual,)
@@ -49,11 +49,11 @@ class MobileNetCanonizer(FamilyCanonizer):
     is not inside a ``Conv2dNormActivation``), rewrites the forward of ``InvertedResidual`` blocks with a residual
     connection to add input and transforming branch through a :py:class:`~canonizers.MaskedSum`, and treats the gates
     of MobileNetV3's squeeze-and-excitation blocks (hard sigmoid) as constants, see
-    :py:class:`~canonizers.gates.SqueezeExcitationCanonizer`. Blocks without a residual connection are left alone.
+    :py:class:`~canonizers.SqueezeExcitationCanonizer`. Blocks without a residual connection are left alone.
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance: block names (``"features.3"``) or glob patterns (``"features.1?"``) whose skip
         path is cut, or a mapping of them to ``"skip"`` or ``"residual"``. Only blocks with a residual connection can
         be named.

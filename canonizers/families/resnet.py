@@ -2,10 +2,10 @@
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from ..cuts import RESIDUAL, SKIP
-from ..family import FamilyCanonizer
-from ..merging import ExactMergeBatchNorm
-from ..residual import ResidualSumCanonizer, residual_sum
+from ..core.cuts import RESIDUAL, SKIP
+from ..core.family import FamilyCanonizer
+from ..core.merging import ExactMergeBatchNorm
+from ..core.residual import ResidualSumCanonizer, residual_sum
 
 
 class ResNetBlockCanonizer(ResidualSumCanonizer):
@@ -27,7 +27,7 @@ class ResNetBasicBlockCanonizer(ResNetBlockCanonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance.
     '''
     block_types = (BasicBlock,)
@@ -59,7 +59,7 @@ class ResNetBottleneckCanonizer(ResNetBlockCanonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance.
     '''
     block_types = (Bottleneck,)
@@ -98,7 +98,7 @@ class ResNetCanonizer(FamilyCanonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance: block names (``"layer3.0"``) or glob patterns (``"layer4.*"``) whose skip path
         is cut, or a mapping of them to ``"skip"`` or ``"residual"``.
     '''

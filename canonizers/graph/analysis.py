@@ -12,7 +12,7 @@ import torch.fx
 import torch.nn.functional as F
 from zennit.layer import Sum
 
-from ..tracing import is_size, modules_of
+from ..core.tracing import is_size, modules_of
 from .modules import GlobalMeanPool, SumReduction
 
 _SUMS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}

@@ -5,11 +5,11 @@ Three kinds, tried in this order for each batch norm:
 - *after*: the batch norm's input is a linear layer (or convolution) whose output feeds nothing else;
 - *after a concatenation*: its input concatenates the channels of such layers, each of which absorbs its slice;
 - *before* (pre-activation, as in DenseNet and ResNetV2): its output reaches only linear layers, through a ReLU
-  (which becomes a :py:class:`~canonizers.layers.ThresholdReLU`) and maps that commute with a per-channel affine
+  (which becomes a :py:class:`~canonizers.ThresholdReLU`) and maps that commute with a per-channel affine
   map (average pooling, flattening, dropout in eval mode). timm's ``BatchNormAct2d`` counts as a batch norm followed
   by its own activation.
 
-The arithmetic is :py:mod:`canonizers.merging`'s; this module only finds the pairs and validates them there.
+The arithmetic is :py:mod:`canonizers.core.merging`'s; this module only finds the pairs and validates them there.
 '''
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from zennit.types import Linear
 
-from ..merging import LinearMerge, check_merge, output_features
+from ..core.merging import LinearMerge, check_merge, output_features
 from .analysis import Analysis, target_name
 
 #: modules through which a pre-activation batch norm's affine map passes unchanged to the linear layer after it

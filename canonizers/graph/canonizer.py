@@ -5,11 +5,11 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from zennit.canonizers import Canonizer
 
-from ..compat import RULES_ASSIGN_PARAMETERS, RestoreSwappedParameters
-from ..cuts import CutLike, ParsedCut, PerSampleCut, ResolvedCut, parse_cut, public_cut
-from ..lifecycle import REWRITTEN, remove_all, require_eval, rewritten_forward
-from ..merging import batch_norm_affine, check_batch_norm, make_identity, merge_around_linear, threshold_relu
-from ..patch import ModulePatch
+from ..core.compat import RULES_ASSIGN_PARAMETERS, RestoreSwappedParameters
+from ..core.cuts import CutLike, ParsedCut, PerSampleCut, ResolvedCut, parse_cut, public_cut
+from ..core.lifecycle import REWRITTEN, remove_all, require_eval, rewritten_forward
+from ..core.merging import batch_norm_affine, check_batch_norm, make_identity, merge_around_linear, threshold_relu
+from ..core.patch import ModulePatch
 from .compiled import Compiled, compiled_for
 from .conservation import listing, warn
 from .cutting import Branches
@@ -44,7 +44,7 @@ class GraphCanonizer(Canonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance. A merge is named by the module whose forward computes it, with ``:k`` where
         one module computes several; its branches are its inputs ``"0"``, ``"1"``, ... and, where they are told apart,
         ``"skip"`` and ``"residual"``, as the family canonizers name them (see :py:mod:`canonizers.graph.cutting`).
@@ -126,7 +126,7 @@ class GraphCanonizer(Canonizer):
 
     def layer_cuts(self, root_module: torch.nn.Module, layers: Iterable[str]) -> Dict[str, Branches]:
         '''The cut that makes all relevance reaching the input pass through every one of ``layers``, as
-        :py:meth:`canonizers.family.FamilyCanonizer.layer_cuts` (see :py:func:`graph_cuts_for`).'''
+        :py:meth:`canonizers.core.family.FamilyCanonizer.layer_cuts` (see :py:func:`graph_cuts_for`).'''
         return compiled_for(root_module).table.layer_cuts(list(layers))
 
     def blocks(self, root_module: torch.nn.Module) -> Dict[str, Tuple[str, ...]]:
@@ -171,7 +171,7 @@ class GraphCanonizer(Canonizer):
         plan, patch = compiled.batch_norms, self.patch
         thresholds = {}
         # the merged values are functions of the original parameters where the zennit version lets them be
-        # installed so (see canonizers.merging)
+        # installed so (see canonizers.core.merging)
         with torch.enable_grad() if RULES_ASSIGN_PARAMETERS else torch.no_grad():
             affine = {name: batch_norm_affine(modules[name]) for name in compiled.merged}
             before = {}

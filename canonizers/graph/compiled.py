@@ -7,7 +7,7 @@ import torch.fx
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ..lifecycle import REWRITTEN
+from ..core.lifecycle import REWRITTEN
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
 from .conservation import Operation, find

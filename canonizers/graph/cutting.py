@@ -22,7 +22,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from zennit.types import Linear
 
-from ..cuts import RESIDUAL, SKIP, BlockCatalog
+from ..core.cuts import RESIDUAL, SKIP, BlockCatalog
 from .analysis import Analysis, Merge, target_name
 
 #: a merge input, as (merge number, input number)

@@ -7,7 +7,7 @@ import torch
 from zennit.layer import Sum
 from zennit.types import Activation
 
-from ..masked_sum import mask_columns, mask_gradient
+from ..core.masked_sum import mask_columns, mask_gradient
 
 
 def stack_summands(*summands: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ import torch
 import torch.fx
 from zennit.types import Activation
 
-from ..gates import ConstantGate
-from ..masked_sum import MaskedSum
+from ..core.gates import ConstantGate
+from ..core.masked_sum import MaskedSum
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
 from .modules import MaskedConcatenation, Scale, call_forward_hooks, call_unhooked, stack_summands

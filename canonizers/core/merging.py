@@ -4,11 +4,11 @@ zennit 0.4.6 and 0.5.1 leave the merged batch norm computing ``x / sqrt(1 + eps)
 of about ``eps / 2`` per batch norm that adds up over deep networks. Here the batch norm becomes the exact identity
 (``eps`` is set to 0 while merged, as zennit 1.0 does too) and the per-channel scale and shift are computed in float64.
 
-How the merged values are installed depends on the zennit version (:py:mod:`canonizers.compat`). With zennit 1.0 and
-newer, the layers compute with tensors computed from the original parameters, so that the canonized model is the same
-function of its parameters as well as of its input (gradients w.r.t. every original parameter are exact). zennit 0.4.6
-and 0.5.1 require the layers' parameters to stay ``torch.nn.Parameter`` objects, so there the merged values replace
-the parameters' data, as zennit's own ``MergeBatchNorm`` does: the output is exact, parameter gradients are not.
+How the merged values are installed depends on the zennit version (:py:mod:`canonizers.core.compat`). With zennit 1.0
+and newer, the layers compute with tensors computed from the original parameters, so that the canonized model is the
+same function of its parameters as well as of its input (gradients w.r.t. every original parameter are exact). zennit
+0.4.6 and 0.5.1 require the layers' parameters to stay ``torch.nn.Parameter`` objects, so there the merged values
+replace the parameters' data, as zennit's own ``MergeBatchNorm`` does: the output is exact, parameter gradients are not.
 '''
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -145,7 +145,7 @@ class LinearMerge(NamedTuple):
         per-channel affine map (such as average pooling and flattening to channels).
     relu: (:py:obj:`torch.nn.Module`, str), optional
         The module holding the ReLU between ``before`` and ``linear``, and the ReLU's attribute name there; the ReLU
-        is replaced by a :py:class:`~canonizers.layers.ThresholdReLU`. Without it, ``before`` feeds ``linear`` directly.
+        is replaced by a :py:class:`~canonizers.ThresholdReLU`. Without it, ``before`` feeds ``linear`` directly.
     after: :py:obj:`torch.nn.Module`, optional
         Batch norm right after ``linear``.
     '''
@@ -247,7 +247,7 @@ def merge_around_linear(
 
     Parameters
     ----------
-    patch: :py:class:`~canonizers.patch.ModulePatch`
+    patch: :py:class:`~canonizers.core.patch.ModulePatch`
         Record of the changes.
     linear: :py:obj:`torch.nn.Module`
         Linear layer or plain convolution.
@@ -297,7 +297,7 @@ def threshold_relu(
 
     Returns
     -------
-    (:py:class:`~canonizers.layers.ThresholdReLU`, :py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`)
+    (:py:class:`~canonizers.ThresholdReLU`, :py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`)
         The threshold ReLU ``g`` and ``s_in``, ``t_in`` with ``ReLU(scale * x + shift) = g(x) * s_in + t_in``.
     '''
     constant = scale == 0
@@ -314,7 +314,7 @@ def apply_merge(patch: ModulePatch, merge: LinearMerge) -> None:
 
     Parameters
     ----------
-    patch: :py:class:`~canonizers.patch.ModulePatch`
+    patch: :py:class:`~canonizers.core.patch.ModulePatch`
         Record of the changes.
     merge: :py:class:`LinearMerge`
         The merge, validated by :py:func:`check_merge`.
@@ -342,7 +342,7 @@ def apply_merge(patch: ModulePatch, merge: LinearMerge) -> None:
 class ExactMergeBatchNorm(Canonizer):
     '''Canonizer to merge batch norms exactly into linear layers: the batch norm right after a layer, and (as in
     pre-activation networks such as DenseNet) the batch norm before it, across a ReLU that becomes a
-    :py:class:`~canonizers.layers.ThresholdReLU` (Motzkus et al., "Measurably Stronger Explanation Reliability via
+    :py:class:`~canonizers.ThresholdReLU` (Motzkus et al., "Measurably Stronger Explanation Reliability via
     Model Canonization", ICIP 2022).
 
     The merged batch norms are the exact identity while registered (``eps`` set to 0) and the per-channel factors are
@@ -368,7 +368,7 @@ class ExactMergeBatchNorm(Canonizer):
         ----------
         root_module: :py:obj:`torch.nn.Module`
             The model.
-        catalog: :py:class:`~canonizers.cuts.BlockCatalog`, optional
+        catalog: :py:class:`~canonizers.core.cuts.BlockCatalog`, optional
             Not used: merges know no cuts (the argument belongs to the protocol of a family's parts).
 
         Returns

@@ -16,7 +16,7 @@ class BlockCanonizer(ForwardRewrite):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance; see the package documentation.
     '''
     def __init__(self, cut: CutLike = None) -> None:
@@ -73,12 +73,12 @@ class BlockCanonizer(ForwardRewrite):
         ----------
         root_module: :py:obj:`torch.nn.Module`
             The model.
-        catalog: :py:class:`~canonizers.cuts.BlockCatalog`, optional
+        catalog: :py:class:`~canonizers.core.cuts.BlockCatalog`, optional
             Blocks to resolve the cut against; those of this canonizer by default.
 
         Returns
         -------
-        :py:class:`~canonizers.rewrites.Checked`
+        :py:class:`~canonizers.core.rewrites.Checked`
             The blocks to rewrite, and the cut resolved against the model's blocks.
         '''
         blocks = super().check(root_module, catalog).blocks
@@ -92,7 +92,7 @@ class BlockCanonizer(ForwardRewrite):
         ----------
         root_module: :py:obj:`torch.nn.Module`
             The model.
-        catalog: :py:class:`~canonizers.cuts.BlockCatalog`, optional
+        catalog: :py:class:`~canonizers.core.cuts.BlockCatalog`, optional
             Blocks to resolve the cut against; those of this canonizer by default.
 
         Returns

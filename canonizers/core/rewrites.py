@@ -16,7 +16,7 @@ class Checked(NamedTuple):
     ----------
     blocks: dict of str to :py:obj:`torch.nn.Module`
         The modules to rewrite, by name.
-    cut: :py:class:`~canonizers.cuts.ResolvedCut`, optional
+    cut: :py:class:`~canonizers.core.cuts.ResolvedCut`, optional
         The cut resolved against the model's blocks (canonizers with cuts only).
     '''
     blocks: Dict[str, torch.nn.Module]
@@ -85,7 +85,7 @@ class ForwardRewrite(Canonizer):
         ----------
         root_module: :py:obj:`torch.nn.Module`
             The model.
-        catalog: :py:class:`~canonizers.cuts.BlockCatalog`, optional
+        catalog: :py:class:`~canonizers.core.cuts.BlockCatalog`, optional
             The cuttable blocks of the model (used by canonizers with cuts).
 
         Returns

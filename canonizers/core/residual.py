@@ -46,7 +46,7 @@ class InvertedResidualCanonizer(ResidualSumCanonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance.
     '''
     def branches(self, name: str, module: torch.nn.Module) -> Tuple[str, ...]:

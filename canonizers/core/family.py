@@ -11,9 +11,20 @@ from .compat import RestoreSwappedParameters
 from .cuts import BlockCatalog, CutLike, PerSampleCut, parse_cut, public_cut
 from .lifecycle import remove_all, require_eval
 from .rewrites import ForwardRewrite
+from .tracing import TracingError, describe, traced_merges
 
 #: what a family's cut gives per block: the branch to cut, or the branches where several are
 Branches = Union[str, Tuple[str, ...]]
+
+#: the family canonizers that fit a model, for the hint of :py:meth:`FamilyCanonizer.misfit`: the registry of the
+#: families (:py:func:`canonizers.registry.families_for`) sets it, so that this module knows no family
+_FITTING: List[Callable[[torch.nn.Module], Sequence['FamilyCanonizer']]] = []
+
+
+def find_fitting_families_with(finder: Callable[[torch.nn.Module], Sequence['FamilyCanonizer']]) -> None:
+    '''Have :py:meth:`FamilyCanonizer.misfit` name the families that ``finder`` says fit a model (the registry of
+    the families calls this on import, which ``import canonizers`` does).'''
+    _FITTING[:] = [finder]
 
 
 class FamilyCanonizer(CompositeCanonizer):
@@ -27,11 +38,11 @@ class FamilyCanonizer(CompositeCanonizer):
 
     Parameters
     ----------
-    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.cuts.PerSampleCut`
+    cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance.
     parts: sequence of :py:obj:`zennit.canonizers.Canonizer`, optional
         The parts, instead of new instances of :py:attr:`parts`; those that are
-        :py:class:`~canonizers.blocks.BlockCanonizer` share the cut.
+        :py:class:`~canonizers.core.blocks.BlockCanonizer` share the cut.
     '''
     #: the parts of the family: classes (or factories) of canonizers following the check-then-apply protocol
     parts: Tuple[Callable[[], Canonizer], ...] = ()
@@ -83,7 +94,7 @@ class FamilyCanonizer(CompositeCanonizer):
 
         Returns
         -------
-        :py:class:`~canonizers.cuts.BlockCatalog`
+        :py:class:`~canonizers.core.cuts.BlockCatalog`
             The cuttable blocks of the model.
         '''
         return self._check_parts(root_module)[0]
@@ -128,12 +139,8 @@ class FamilyCanonizer(CompositeCanonizer):
 
     def misfit(self, root_module: torch.nn.Module) -> str:
         '''Why this family does not fit ``root_module``, and what would.'''
-        # imported here: the registry and the tracer import the families, which import this module
-        from .registry import families_for
-        from .tracing import TracingError, describe, traced_merges
-
         model = type(root_module).__name__
-        fitting = [type(family).__name__ for family in families_for(root_module)]
+        fitting = [type(family).__name__ for finder in _FITTING for family in finder(root_module)]
         merges = None if fitting else traced_merges(root_module)
         if fitting:
             hint = f'{" or ".join(fitting)} fits this model'
@@ -155,9 +162,9 @@ class FamilyCanonizer(CompositeCanonizer):
         '''The cut that makes all relevance reaching the input pass through every one of ``layers``.
 
         A layer inside a cuttable block cuts the block's other branches (see
-        :py:meth:`~canonizers.blocks.BlockCanonizer.isolating_cut`): the skip for a layer in the transforming branch,
-        the residual branch for a layer in the shortcut. The block itself, and layers outside cuttable blocks, need no
-        cut.
+        :py:meth:`~canonizers.core.blocks.BlockCanonizer.isolating_cut`): the skip for a layer in the transforming
+        branch, the residual branch for a layer in the shortcut. The block itself, and layers outside cuttable blocks,
+        need no cut.
 
         Parameters
         ----------
