@@ -328,7 +328,7 @@ def test_traced_once_and_tracer_leaves_nothing(monkeypatch):
     traced = []
     original = graph_tracer.LeafTracer.trace
     monkeypatch.setattr(graph_tracer.LeafTracer, 'trace',
-                        lambda self, root: traced.append(root) or original(self, root))
+                        lambda self, root, **options: traced.append(root) or original(self, root, **options))
     data = torch.randn(1, 3, 4, 4)
     for _ in range(2):
         instances = GraphCanonizer().apply(model)
