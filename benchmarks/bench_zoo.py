@@ -6,7 +6,8 @@ Run: ``python benchmarks/bench_zoo.py [--models NAME,...] [--out docs/zoo.md] [-
 
 Each model is checked in a fresh process (forked from a server that has imported torch, torchvision, timm and
 canonizers once), so that a model that crashes, hangs or runs out of memory is reported as broken and the run goes on.
-The model is built with random weights (``num_classes=10``), its batch norms given random statistics and affine
+The model is built with random weights (``num_classes=10``; parameters that start at 0, such as zero-initialised
+heads and last gains of residual branches, made random too), its batch norms given random statistics and affine
 parameters (a fresh batch norm is the identity and tests no merging), and checked on one random input of its size.
 
 Per model the table gives what ``check`` reports:
@@ -26,6 +27,7 @@ import datetime
 import importlib.metadata
 import multiprocessing
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -225,11 +227,7 @@ def torchvision_builder(name: str, options: Dict[str, Any]) -> Callable[[], torc
         keywords = dict(num_classes=10, **options)
         if name in ('googlenet', 'inception_v3'):
             keywords.update(aux_logits=False, init_weights=False)
-        model = torchvision.models.get_model(name, weights=None, **keywords)
-        if isinstance(model, torchvision.models.VisionTransformer):
-            # torchvision's ViT starts with a head of zeros
-            torch.nn.init.normal_(model.heads.head.weight, std=0.02)
-        return model.eval()
+        return without_zeros(torchvision.models.get_model(name, weights=None, **keywords)).eval()
     return build
 
 
@@ -237,8 +235,25 @@ def timm_builder(name: str, options: Dict[str, Any]) -> Callable[[], torch.nn.Mo
     def build() -> torch.nn.Module:
         import timm
 
-        return timm.create_model(name, pretrained=False, num_classes=10, **options).eval()
+        return without_zeros(timm.create_model(name, pretrained=False, num_classes=10, **options)).eval()
     return build
+
+
+def without_zeros(model: torch.nn.Module) -> torch.nn.Module:
+    '''Give every parameter that starts at 0, biases aside, random values, in place: a head of zeros (torchvision's
+    ViT, timm's Hiera, gMLP, Sequencer) makes every output 0, and a residual branch that ends in a gain or normalization
+    weight of 0 (timm's ``zero_init_last``, Swin V2's post-norms, NFNet's gains) adds nothing; neither tests anything.
+    Weights of linear layers and convolutions get normal values of std 0.02, scales uniform ones in [0.5, 1.5].'''
+    with torch.no_grad():
+        for module in model.modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                if 'bias' in name or not parameter.is_floating_point() or parameter.numel() == 0 or parameter.any():
+                    continue
+                if name == 'weight' and isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
+                    parameter.normal_(std=0.02)
+                else:
+                    parameter.uniform_(0.5, 1.5)
+    return model
 
 
 def zoo() -> List[Entry]:
@@ -390,7 +405,7 @@ def row(entry: Entry, result: Dict[str, Any]) -> List[str]:
 
 def markdown(header: List[str], rows: List[List[str]]) -> str:
     def line(cells: List[str]) -> str:
-        return '| ' + ' | '.join(cell.replace('|', '\\|').replace('\n', ' ') for cell in cells) + ' |'
+        return '| ' + ' | '.join(re.sub(r'\s+', ' ', cell).replace('|', '\\|') for cell in cells) + ' |'
     return '\n'.join([line(header), '|' + '---|' * len(header)] + [line(cells) for cells in rows])
 
 
@@ -472,7 +487,7 @@ def main() -> None:
     for index, entry in enumerate(selected):
         result = isolated(context, entry.name, args.timeout)
         results.append(result)
-        rows.append(row(entry, result))
+        rows.append([re.sub(r'\s+', ' ', cell) for cell in row(entry, result)])
         print(f'[{index + 1}/{len(selected)}, {result["seconds"]:.0f} s] ' + ' | '.join(rows[-1]), file=sys.stderr,
               flush=True)
         if 'traceback' in result:
