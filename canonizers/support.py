@@ -20,7 +20,7 @@ import torch
 from .evaluation import conservation_composite, relative_error
 from .graph import GraphCanonizer
 from .graph.compiled import Compiled, compiled_for
-from .graph.conservation import KINDS, Operation, count, listing
+from .graph.conservation import KINDS, Operation, by_kind, count, listing
 
 #: statuses, and the exit status of ``canonizers check`` for each
 SUPPORTED, NOT_CONSERVATIVE, REFUSED = 'supported', 'not conservative', 'refused'
@@ -121,7 +121,7 @@ class SupportReport:
                 if self.unmerged else ''))
             if self.operations:
                 lines.append(f'operations without a conserving rule: {len(self.operations)}')
-                for kind, members in _by_kind(self.operations).items():
+                for kind, members in by_kind(self.operations).items():
                     lines.append(f'  {kind} ({count(members, "place")}): '
                                  f'{listing([operation.describe() for operation in members])}')
             else:
@@ -141,13 +141,6 @@ def _merge_text(merge: MergeReport) -> str:
     if merge.cuttable:
         return f'{merge.name} ({merge.kind}: {", ".join(merge.branches)})'
     return f'{merge.name or "the forward"} ({merge.kind}, cannot be cut)'
-
-
-def _by_kind(operations: List[Operation]) -> Dict[str, List[Operation]]:
-    kinds: Dict[str, List[Operation]] = {}
-    for operation in operations:
-        kinds.setdefault(operation.kind, []).append(operation)
-    return kinds
 
 
 def _number(value: Optional[float]) -> str:
@@ -303,7 +296,7 @@ def _judge(report: SupportReport) -> None:
                           'in float64; please report this model')
     elif report.operations:
         report.status = NOT_CONSERVATIVE
-        kinds = _by_kind(report.operations)
+        kinds = by_kind(report.operations)
         report.verdict = 'exact, relevance not conserved at ' + '; '.join(
             f'{count(members, "place")} of {kind} ({listing([member.describe() for member in members], 2)})'
             for kind, members in kinds.items())

@@ -285,10 +285,7 @@ def _function(analysis: Analysis, node: torch.fx.Node) -> 'Operation | None':
 def warn(model: str, operations: Sequence[Operation], stacklevel: int = 3) -> None:
     '''Warn about ``operations`` of ``model`` (a type name), one :py:class:`NotConservedWarning` per kind, each
     naming every place (a transformer has dozens of LayerNorms).'''
-    kinds: Dict[str, List[Operation]] = {}
-    for operation in operations:
-        kinds.setdefault(operation.kind, []).append(operation)
-    for kind, members in kinds.items():
+    for kind, members in by_kind(operations).items():
         places = listing([operation.describe() for operation in members])
         if kind == 'batch norm':
             message = (f'GraphCanonizer cannot merge {count(members, "batch norm")} of {model}, which stay as they '
@@ -305,6 +302,14 @@ def warn(model: str, operations: Sequence[Operation], stacklevel: int = 3) -> No
             message = (f'GraphCanonizer: relevance is not conserved through {count(members, "operation")} of '
                        f'{model}, {KINDS[kind]}: {places}')
         warnings.warn(message, NotConservedWarning, stacklevel=stacklevel + 1)
+
+
+def by_kind(operations: Iterable[Operation]) -> Dict[str, List[Operation]]:
+    '''``operations`` grouped by kind, in the order the kinds first occur.'''
+    kinds: Dict[str, List[Operation]] = {}
+    for operation in operations:
+        kinds.setdefault(operation.kind, []).append(operation)
+    return kinds
 
 
 def count(items: Sized, noun: str) -> str:
