@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 # declares Python >= 3.11.11, which pip enforces even where the code runs (tested on 3.11.7): --ignore-requires-python
 ZENNIT_051 := .zennit051
 ZENNIT_100 := .zennit100
+# LXT 2.1, the reference for transformers, beside the package (it needs transformers<5 and patches torchvision's
+# classes for the whole process: the test runs it in a process of its own, with this folder on its path)
+LXT := .lxt
 JOBS ?= 2
 
 .PHONY: venv test lint docs demo bench clean
@@ -27,10 +30,15 @@ $(ZENNIT_100)/.installed: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps --ignore-requires-python --target $(ZENNIT_100) zennit==1.0.0
 	touch $@
 
+$(LXT)/.installed: $(VENV)/.installed
+	$(PY) -m pip install -q --target $(LXT) 'transformers<5'
+	$(PY) -m pip install -q --no-deps --target $(LXT) lxt==2.1
+	touch $@
+
 lint: venv
 	$(PY) -m ruff check canonizers tests benchmarks scripts
 
-test: venv $(ZENNIT_051)/.installed $(ZENNIT_100)/.installed lint
+test: venv $(ZENNIT_051)/.installed $(ZENNIT_100)/.installed $(LXT)/.installed lint
 	@echo "== test suite with zennit 0.4.6 (as pinned by zennit-crp)"
 	$(PY) -m pytest -n $(JOBS) tests
 	@echo "== test suite with zennit 0.5.1 (the documentation is built once, above)"
@@ -49,4 +57,4 @@ bench: venv
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(ZENNIT_051) $(ZENNIT_100) .pytest_cache .ruff_cache *.egg-info docs/_build
+	rm -rf $(VENV) $(ZENNIT_051) $(ZENNIT_100) $(LXT) .pytest_cache .ruff_cache *.egg-info docs/_build

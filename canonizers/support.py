@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .core.attention import zeroed_shifts
 from .evaluation import conservation_composite, relative_error
 from .graph import GraphCanonizer
 from .graph.compiled import Compiled, compiled_for
@@ -148,13 +149,29 @@ def _number(value: Optional[float]) -> str:
 
 
 def bias_free(model: torch.nn.Module) -> torch.nn.Module:
-    '''Set every bias of ``model`` (of linear layers, convolutions, normalizations) and every batch-norm mean to 0, in
-    place: without biases, the Epsilon rule conserves relevance exactly, so any loss is the rules' own.'''
+    '''Set every bias of ``model`` (of linear layers, convolutions, normalizations), every batch-norm mean and every
+    learned constant that joins the signal (position embeddings, class and register tokens, as
+    :py:class:`~canonizers.GraphCanonizer` finds them, where it can trace the model) to 0, in place: without biases,
+    the Epsilon rule conserves relevance exactly, so any loss is the rules' own.'''
+    try:
+        learned = compiled_for(model).learned
+    except ValueError:
+        learned = []
     with torch.no_grad():
+        for name in learned:
+            *path, attribute = name.split('.')
+            # constants the tracer made (held by the compiled forward, not the model) are no learned constants
+            value = getattr(model.get_submodule('.'.join(path)), attribute, None)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                value.zero_()
         for module in model.modules():
             bias = getattr(module, 'bias', None)
             if isinstance(bias, torch.Tensor):
                 bias.zero_()
+            # the packed biases of attention (nn.MultiheadAttention's in_proj_bias, bias_k, bias_v)
+            for name, parameter in module.named_parameters(recurse=False):
+                if name.endswith('bias') or name.startswith('bias_'):
+                    parameter.zero_()
             mean = getattr(module, 'running_mean', None)
             if isinstance(mean, torch.Tensor):
                 mean.zero_()
@@ -282,8 +299,12 @@ def _conservation(model: torch.nn.Module, data: torch.Tensor, report: SupportRep
     composite = conservation_composite([GraphCanonizer()])
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        with Gradient(model, composite) as attributor:
+        # constant shifts computed by layers (not parameters bias_free zeroes) are biases too: zeroed alike
+        with zeroed_shifts(), Gradient(model, composite) as attributor:
             output, relevance = attributor(data[:1].requires_grad_(), initial)
+    if output.flatten()[target] == 0:
+        report.notes.append('conservation not measured: the explained output of the bias-free copy is 0')
+        return None
     return relevance.sum().item() / output.flatten()[target].item()
 
 

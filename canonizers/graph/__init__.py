@@ -22,6 +22,8 @@ Where each part lives:
 - :py:mod:`~canonizers.graph.analysis`: the data flow, its sums, concatenations and gates of parallel paths, and
   the functional operations that become modules;
 - :py:mod:`~canonizers.graph.batchnorms`: which batch norm merges into which layers;
+- :py:mod:`~canonizers.graph.transformer`: normalizations, attention and constant shifts, to become modules with
+  rules;
 - :py:mod:`~canonizers.graph.cutting`: the names and branches cuts use, and the isolation rule of
   :py:func:`graph_cuts_for`;
 - :py:mod:`~canonizers.graph.program`: the rewritten forward and the modules it calls;

@@ -5,15 +5,21 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from zennit.canonizers import Canonizer
 
+from ..core.attention import SlicedLinear
 from ..core.compat import RULES_ASSIGN_PARAMETERS, RestoreSwappedParameters
 from ..core.cuts import CutLike, ParsedCut, PerSampleCut, ResolvedCut, parse_cut, public_cut
 from ..core.lifecycle import REWRITTEN, remove_all, require_eval, rewritten_forward
 from ..core.merging import batch_norm_affine, check_batch_norm, make_identity, merge_around_linear, threshold_relu
 from ..core.patch import ModulePatch
 from .compiled import Compiled, compiled_for
-from .conservation import listing, warn
+from .conservation import count, listing, warn
 from .cutting import Branches
 from .modules import call_copy
+from .transformer import build_norm
+
+
+#: the treatments of attention: ``"cp-lrp"``, attention weights constant (Ali et al., ICML 2022)
+ATTENTION_RULES = ('cp-lrp',)
 
 
 class GraphCanonizer(Canonizer):
@@ -42,14 +48,34 @@ class GraphCanonizer(Canonizer):
     in-place calls, ``y.add_(z)``, are kept as they are).
     Forward pre-hooks of inlined blocks do not run (a warning says so).
 
+    Transformers (:py:mod:`canonizers.graph.transformer`): attention in every form (``nn.MultiheadAttention``,
+    ``F.scaled_dot_product_attention``, torchvision's window attention, explicit ``softmax(...) @ v``) gets constant
+    attention weights (CP-LRP): the weighting of the values is a linear layer to zennit's rules; LayerNorm, GroupNorm,
+    RMSNorm (also as functions, and between permutes) and batch norms that cannot be merged become affine layers with
+    their normalizing factor constant; constants added to the signal (position embeddings) are biases. With a
+    vanishing epsilon this is LXT's CP-LRP, to rounding. Attention weights and normalizing factors are then constant
+    in the backward pass (as gates are), also for parameter gradients.
+
     Parameters
     ----------
     cut: None, iterable of str, mapping of str to str, or :py:class:`~canonizers.PerSampleCut`
         Which paths carry no relevance. A merge is named by the module whose forward computes it, with ``:k`` where
         one module computes several; its branches are its inputs ``"0"``, ``"1"``, ... and, where they are told apart,
         ``"skip"`` and ``"residual"``, as the family canonizers name them (see :py:mod:`canonizers.graph.cutting`).
+    attention: str
+        The treatment of attention: ``"cp-lrp"`` (attention weights constant; the only one implemented).
+
+    Raises
+    ------
+    ValueError
+        If ``attention`` is not one of :py:data:`ATTENTION_RULES`.
     '''
-    def __init__(self, cut: CutLike = None) -> None:
+    def __init__(self, cut: CutLike = None, attention: str = 'cp-lrp') -> None:
+        if attention not in ATTENTION_RULES:
+            raise ValueError(f'attention={attention!r}: must be one of {", ".join(map(repr, ATTENTION_RULES))}'
+                             + (' (AttnLRP\'s softmax and uniform rules are not implemented in this version)'
+                                if attention == 'attnlrp' else ''))
+        self.attention = attention
         self._cut: ParsedCut = parse_cut(cut)
         self._instances: List[GraphCanonizer] = []
         self.compiled: Optional[Compiled] = None
@@ -70,11 +96,11 @@ class GraphCanonizer(Canonizer):
             instance.update(cut)
 
     def __repr__(self) -> str:
-        return f'{type(self).__name__}(cut={self.cut!r})'
+        return f'{type(self).__name__}(cut={self.cut!r}, attention={self.attention!r})'
 
     def copy(self) -> 'GraphCanonizer':
-        '''Return an unregistered copy of this canonizer, with the same cut.'''
-        return type(self)(self.cut)
+        '''Return an unregistered copy of this canonizer, with the same cut and attention rules.'''
+        return type(self)(self.cut, self.attention)
 
     def apply(self, root_module: torch.nn.Module) -> List[Canonizer]:
         '''Canonize ``root_module`` in place; on failure, undo what was done and raise.
@@ -109,7 +135,7 @@ class GraphCanonizer(Canonizer):
         for name in compiled.merged:
             check_batch_norm(modules[name])
         self._warn(root_module, compiled)
-        instance = type(self)()
+        instance = type(self)(attention=self.attention)
         instances: List[Canonizer] = [instance]
         try:
             instance.register(root_module, modules, compiled)
@@ -141,6 +167,12 @@ class GraphCanonizer(Canonizer):
         if pre_hooks:
             warnings.warn(f'GraphCanonizer inlines the forward of {listing(pre_hooks, quote=True)} of {model}: '
                           'forward hooks still run, forward pre-hooks do not', stacklevel=3)
+        unmerged = {name: reason for name, reason in compiled.batch_norms.unmerged.items() if name in compiled.frozen}
+        if unmerged:
+            places = listing([f'batch norm {name!r}: {reason}' for name, reason in unmerged.items()])
+            warnings.warn(f'GraphCanonizer cannot merge {count(list(unmerged), "batch norm")} of {model}, which '
+                          'become affine layers of their own while canonized (the rules of linear layers apply to '
+                          f'them; their shift absorbs relevance as a bias does): {places}', stacklevel=3)
         warn(model, compiled.operations, stacklevel=3)
 
     def register(self, root_module: torch.nn.Module, modules: Mapping[str, torch.nn.Module],
@@ -156,6 +188,10 @@ class GraphCanonizer(Canonizer):
             for slot in compiled.program.slots:
                 if slot.kind == 'call':
                     module = call_copy(modules[slot.source])
+                elif slot.kind == 'norm':
+                    module = build_norm(slot.spec, root_module).train(root_module.training)
+                elif slot.kind == 'value':
+                    module = SlicedLinear.value_of(modules[slot.source]).train(root_module.training)
                 else:
                     module = thresholds[slot.source] if slot.kind == 'threshold' else slot.build()
                     module.train(root_module.training)

@@ -10,10 +10,11 @@ from torch.nn.modules.conv import _ConvNd
 from ..core.lifecycle import REWRITTEN
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
-from .conservation import Operation, find
+from .conservation import Operation, find, relevance_path
 from .cutting import CutTable
 from .program import Program
 from .tracer import TraceFailure, trace
+from .transformer import Transformer, learned_constants
 
 #: the family canonizers, named in messages about models the graph canonizer cannot trace
 FAMILIES = 'ResNetCanonizer, DenseNetCanonizer, EfficientNetCanonizer or MobileNetCanonizer'
@@ -46,6 +47,17 @@ class Compiled:
         self.whole = [node.target for node in analysis.nodes if isinstance(analysis.module(node), opaque)
                       and not isinstance(analysis.module(node), (_BatchNorm, _ConvNd))]
         self.batch_norms = BatchNormPlan(analysis)
+        #: normalizations, attention and constant shifts that become modules with rules
+        transformer = Transformer(analysis, set(self.batch_norms.unmerged))
+        # products that attention weights enter are linear maps now, and those computing the weights (q @ k^T)
+        # carry no relevance: neither is a parallel path
+        path = set(relevance_path(analysis, transformer))
+        analysis.unsupported = [entry for entry in analysis.unsupported
+                                if entry[0] not in transformer.weightings and entry[0] in path]
+        #: the batch norms that cannot be merged and become affine layers of their own
+        self.frozen = sorted({spec.module for spec in transformer.norms.values() if spec.kind == 'batch'})
+        #: the parameters and buffers that join the signal as constants (position embeddings, class tokens)
+        self.learned = learned_constants(analysis, transformer)
         self.merged = sorted({plan.after[0] for plan in self.batch_norms.linears.values() if plan.after}
                              | set(self.batch_norms.pre_activations))
         replaced = {
@@ -63,8 +75,9 @@ class Compiled:
         self.hooked = [name for name, _, _ in hooked]
         #: the operations on the relevance path that the rules of a zennit composite do not conserve relevance through
         #: (found before the program rewrites the graph)
-        self.operations: List[Operation] = find(analysis, self.merged, self.batch_norms.unmerged, self.whole)
-        self.program = Program(analysis, self.batch_norms, hooked)
+        self.operations: List[Operation] = find(analysis, self.merged, self.batch_norms.unmerged, self.whole,
+                                                transformer)
+        self.program = Program(analysis, self.batch_norms, hooked, transformer)
         self.unsupported = [(analysis.holder(node), reason) for node, reason, _ in analysis.unsupported]
         # keep names only: the cache must not keep the model alive
         analysis.release()

@@ -34,8 +34,6 @@ KINDS: Dict[str, str] = {
     'recurrent': 'recurrent layers, which zennit has no rule for',
     'whole': 'modules kept whole (torch.fx cannot trace through them), whose inside has no rules',
     'leaf function': 'functions torch.fx keeps as a leaf (wrapped), whose inside has no rules',
-    'constant': 'tensors that do not depend on the input (learned tokens) joined to the signal: the relevance '
-                'reaching them is lost',
     'detached': 'detached signals: no relevance flows back through them',
     'linear': 'linear maps without a rule (functional or matrix products with a weight), through which relevance '
               'is scaled as the gradient',
@@ -125,7 +123,17 @@ _BY_NAME = [
 
 
 #: functions torch.fx keeps as leaves (wrapped) that move values without scaling them
-_CONSERVING_LEAVES = {'torchvision.models.swin_transformer._patch_merging_pad'}
+_CONSERVING_LEAVES = {'torchvision.models.swin_transformer._patch_merging_pad'} | {
+    # timm's window and block rearrangements (views and permutes) and its image scaling (an interpolation, whose
+    # weights sum to 1 for every output, or a crop), which torch.fx keeps whole because their int arguments are proxies
+    f'timm.models.{module}.{function}' for module, functions in (
+        ('swin_transformer', ('window_reverse',)), ('swin_transformer_v2', ('window_reverse',)),
+        ('swin_transformer_v2_cr', ('window_reverse',)),
+        ('maxxvit', ('window_reverse', 'grid_reverse')), ('gcvit', ('window_reverse',)),
+        ('davit', ('window_reverse',)), ('nest', ('deblockify',)),
+        ('mvitv2', ('reshape_pre_pool', 'reshape_post_pool')), ('crossvit', ('scale_image',)),
+    ) for function in functions
+}
 #: functions torch.fx keeps as leaves that are the identity in eval mode (their ``training`` argument False)
 _IDENTITIES_IN_EVAL = {'torchvision.ops.stochastic_depth.stochastic_depth'}
 
@@ -154,11 +162,12 @@ def _from_torch(target: object) -> bool:
     return module.split('.')[0] in ('torch', '_operator', 'operator', 'builtins', 'math') or module == ''
 
 
-def relevance_path(analysis: Analysis) -> List[torch.fx.Node]:
+def relevance_path(analysis: Analysis, transformer=None) -> List[torch.fx.Node]:
     '''The nodes that carry the signal and that relevance reaches from the output, in graph order: gates are constant
     (no relevance enters them), and scales pass relevance to their input alone. An in-place operation counts as a
     user of the tensor it changes (torch.fx leaves its result unused where the forward goes on with that tensor).'''
-    constant_inputs: Dict[torch.fx.Node, Set[torch.fx.Node]] = {}
+    constant_inputs: Dict[torch.fx.Node, Set[torch.fx.Node]] = dict(
+        transformer.constant_inputs if transformer is not None else {})
     for gate in analysis.gates:
         constant_inputs[gate.node] = {gate.gate}
     in_place = [node for node in analysis.nodes if _in_place(node)]
@@ -192,7 +201,8 @@ def _in_place(node: torch.fx.Node) -> bool:
         operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
-def find(analysis: Analysis, merged: Iterable[str], unmerged: Dict[str, str], whole: Iterable[str]) -> List[Operation]:
+def find(analysis: Analysis, merged: Iterable[str], unmerged: Dict[str, str], whole: Iterable[str],
+         transformer=None) -> List[Operation]:
     '''The operations on the relevance path of a traced model that the rules of a zennit composite do not conserve
     relevance through, once the graph canonizer has canonized it.
 
@@ -206,6 +216,8 @@ def find(analysis: Analysis, merged: Iterable[str], unmerged: Dict[str, str], wh
         The batch norms it cannot merge, with the reason.
     whole: iterable of str
         The modules it keeps whole.
+    transformer: :py:class:`~canonizers.graph.transformer.Transformer`, optional
+        The normalizations, attention and constant shifts it turns into modules with rules.
 
     Returns
     -------
@@ -216,9 +228,11 @@ def find(analysis: Analysis, merged: Iterable[str], unmerged: Dict[str, str], wh
     handled = {merge.node for merge in analysis.merges} | {node for merge in analysis.merges for node in merge.absorbed}
     handled |= {gate.node for gate in analysis.gates} | set(analysis.scales) | set(analysis.swishes)
     handled |= set(analysis.conversions)
+    if transformer is not None:
+        handled |= transformer.handled()
     unsupported = {node: reason for node, reason, _ in analysis.unsupported}
     operations: Dict[Tuple[str, str], Operation] = {}
-    for node in relevance_path(analysis):
+    for node in relevance_path(analysis, transformer):
         if node in handled:
             continue
         if node in unsupported:
@@ -269,11 +283,9 @@ def _function(analysis: Analysis, node: torch.fx.Node) -> 'Operation | None':
     if target in _SUBTRACTIONS and node.args and node.args[0] in signals:
         return None
     if target in _CONCATENATIONS and node.op == 'call_function':
-        tensors = node.args[0] if node.args else node.kwargs.get('tensors', ())
-        constants = [tensor for tensor in tensors if isinstance(tensor, torch.fx.Node) and tensor not in signals]
-        if not constants:
-            return None
-        return Operation(place, target_name(node), 'constant')
+        # learned tokens joined to the signal absorb the relevance that reaches them, as biases do (and are zeroed
+        # with them in the bias-free check)
+        return None
     if not _from_torch(target):
         if _qualified(target) in _CONSERVING_LEAVES or (
                 _qualified(target) in _IDENTITIES_IN_EVAL and node.kwargs.get('training', node.args[-1]) is False):

@@ -8,11 +8,19 @@ import torch
 import torch.fx
 from zennit.types import Activation
 
+from ..core.attention import (
+    ConstantShift,
+    ConstantWeighting,
+    constant_attention,
+    multi_head_attention,
+    window_attention,
+)
 from ..core.gates import ConstantGate
 from ..core.masked_sum import MaskedSum
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
 from .modules import MaskedConcatenation, Scale, call_forward_hooks, call_unhooked, stack_summands
+from .transformer import NormSpec, Transformer
 
 
 class Slot(NamedTuple):
@@ -26,14 +34,18 @@ class Slot(NamedTuple):
         Its attribute name there.
     kind: str
         ``"sum"``, ``"concatenation"``, ``"gate"``, ``"module"`` (a copy of ``prototype``), ``"threshold"`` (the
-        threshold ReLU of the pre-activation batch norm ``source``) or ``"call"`` (the module ``source`` again, for
-        one more place the forward calls it: :py:func:`~canonizers.graph.modules.call_copy`).
+        threshold ReLU of the pre-activation batch norm ``source``), ``"call"`` (the module ``source`` again, for
+        one more place the forward calls it: :py:func:`~canonizers.graph.modules.call_copy`), ``"norm"`` (the
+        normalization ``spec`` with its factor constant) or ``"value"`` (the value projection of the attention
+        module ``source``).
     merge: int
         The number of the merge whose mask it holds (sums and concatenations), else -1.
     prototype: :py:obj:`torch.nn.Module`, optional
         The module to copy (kind ``"module"``), or the concatenation's settings.
     source: str
         The batch norm whose threshold ReLU this is (kind ``"threshold"``), or the module called again (``"call"``).
+    spec: :py:class:`~canonizers.graph.transformer.NormSpec`, optional
+        The normalization (kind ``"norm"``).
     '''
     holder: str
     attribute: str
@@ -41,6 +53,7 @@ class Slot(NamedTuple):
     merge: int = -1
     prototype: Optional[torch.nn.Module] = None
     source: str = ''
+    spec: Optional[NormSpec] = None
 
     @property
     def path(self) -> str:
@@ -76,7 +89,7 @@ class Program:
         The modules to add.
     '''
     def __init__(self, analysis: Analysis, batch_norms: BatchNormPlan,
-                 hooked: List[Tuple[str, torch.fx.Node, List[torch.fx.Node]]]) -> None:
+                 hooked: List[Tuple[str, torch.fx.Node, List[torch.fx.Node]]], transformer: Transformer) -> None:
         self.analysis = analysis
         self.graph = analysis.graph
         self.slots: List[Slot] = []
@@ -85,7 +98,8 @@ class Program:
         self.current: Dict[torch.fx.Node, torch.fx.Node] = {}
         thresholds = {plan.relu: name for name, plan in batch_norms.pre_activations.items()
                       if plan.relu is not None and plan.attribute is None}
-        self._calls()
+        self._calls(transformer)
+        self._transformer(transformer)
         self._conversions(thresholds)
         self._scales()
         self._gates()
@@ -120,11 +134,11 @@ class Program:
         with self.graph.inserting_before(before):
             return self.graph.call_module(slot.path, args, kwargs or {})
 
-    def _calls(self) -> None:
+    def _calls(self, transformer: Transformer) -> None:
         analysis, seen = self.analysis, set()
         for node in list(self.graph.nodes):
             module = analysis.module(node)
-            if isinstance(module, torch.nn.MultiheadAttention):
+            if isinstance(module, torch.nn.MultiheadAttention) and node in transformer.refused:
                 with self.graph.inserting_before(node):
                     holder = self.graph.get_attr(node.target)
                     unhooked = self.graph.call_function(call_unhooked, (holder,) + tuple(node.args), dict(node.kwargs))
@@ -135,6 +149,39 @@ class Program:
                 if node.target in seen:
                     node.target = self._slot(analysis.holder(node), 'canonizer_call', 'call', source=node.target).path
                 seen.add(node.target)
+
+    def _function(self, node: torch.fx.Node, function: Callable, modules: Tuple[str, ...]) -> None:
+        '''Replace ``node`` by ``function(*modules, *node.args, **node.kwargs)``, the modules by name.'''
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), self._node)
+        with self.graph.inserting_before(node):
+            holders = tuple(self.graph.get_attr(name) for name in modules)
+            new = self.graph.call_function(function, holders + tuple(args), dict(kwargs))
+        for holder in holders:
+            self.scope[holder] = self.scope[node]
+        self._replace(node, new)
+
+    def _transformer(self, transformer: Transformer) -> None:
+        '''Normalizations, attention and constant shifts as modules with rules (:py:mod:`.transformer`).'''
+        holder = self.analysis.holder
+        for node, spec in transformer.norms.items():
+            slot = self._slot(holder(node), 'canonizer_norm', 'norm', spec=spec)
+            self._replace(node, self._call(node, slot, (self._node(node.args[0]),)))
+        for node, kind in transformer.attentions.items():
+            weighting = self._slot(holder(node), 'canonizer_weighting', 'module', prototype=ConstantWeighting())
+            if kind == 'module':
+                value = self._slot(holder(node), 'canonizer_value', 'value', source=str(node.target))
+                self._function(node, multi_head_attention, (str(node.target), value.path, weighting.path))
+            elif kind == 'sdpa':
+                self._function(node, constant_attention, (weighting.path,))
+            else:
+                self._function(node, window_attention, (holder(node), weighting.path))
+        for node, (values, weights, left, equation) in transformer.weightings.items():
+            slot = self._slot(holder(node), 'canonizer_weighting', 'module',
+                              prototype=ConstantWeighting(left, equation))
+            self._replace(node, self._call(node, slot, (self._node(values),), {'operand': self._node(weights)}))
+        for node, (signal, constant) in transformer.shifts.items():
+            slot = self._slot(holder(node), 'canonizer_shift', 'module', prototype=ConstantShift())
+            self._replace(node, self._call(node, slot, (self._node(signal),), {'operand': self._node(constant)}))
 
     def _conversions(self, thresholds: Dict[torch.fx.Node, str]) -> None:
         analysis = self.analysis
