@@ -4,7 +4,8 @@ Cuts (:py:mod:`~canonizers.core.cuts`), the masked sum (:py:mod:`~canonizers.cor
 norms (:py:mod:`~canonizers.core.merging`, :py:mod:`~canonizers.core.layers`), rewritten blocks
 (:py:mod:`~canonizers.core.rewrites`, :py:mod:`~canonizers.core.blocks`, :py:mod:`~canonizers.core.residual`,
 :py:mod:`~canonizers.core.gates`), attention and normalizations with constant weights and factors
-(:py:mod:`~canonizers.core.attention`, :py:mod:`~canonizers.core.normalization`), the family canonizer (:py:mod:`~canonizers.core.family`), the machinery that
+(:py:mod:`~canonizers.core.attention`, :py:mod:`~canonizers.core.normalization`), the family canonizer
+(:py:mod:`~canonizers.core.family`), the machinery that
 applies and removes them (:py:mod:`~canonizers.core.patch`, :py:mod:`~canonizers.core.lifecycle`,
 :py:mod:`~canonizers.core.compat`) and the tracer of parallel paths (:py:mod:`~canonizers.core.tracing`).
 

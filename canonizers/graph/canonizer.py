@@ -17,7 +17,6 @@ from .cutting import Branches
 from .modules import call_copy
 from .transformer import build_norm
 
-
 #: the treatments of attention: ``"cp-lrp"``, attention weights constant (Ali et al., ICML 2022)
 ATTENTION_RULES = ('cp-lrp',)
 
