@@ -183,6 +183,10 @@ ZOO = {
     'timm:convnext_atto': (timm_model('convnext_atto'), 32, 'supported', set()),
     'vit_b_16 (2 layers)': (vit, 32, 'supported', set()),
     'timm:sequencer2d_s': (timm_model('sequencer2d_s'), 32, 'not conservative', {'recurrent'}),
+    # pre-activation BatchNormAct2d that cannot be merged: a frozen batch norm, then its dropout and activation
+    'timm:resnetv2_18': (timm_model('resnetv2_18'), 32, 'supported', set()),
+    # merged BatchNormAct2d whose activation is timm's GELU (zennit knows no such activation)
+    'timm:efficientformerv2_s0': (timm_model('efficientformerv2_s0', img_size=64), 64, 'supported', set()),
 }
 
 

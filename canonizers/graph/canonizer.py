@@ -14,7 +14,7 @@ from ..core.patch import ModulePatch
 from .compiled import Compiled, compiled_for
 from .conservation import count, listing, warn
 from .cutting import Branches
-from .modules import call_copy
+from .modules import ElementwiseActivation, call_copy
 from .transformer import build_norm
 
 #: the treatments of attention: ``"cp-lrp"``, attention weights constant (Ali et al., ICML 2022)
@@ -184,6 +184,9 @@ class GraphCanonizer(Canonizer):
             for name, value in compiled.constants.items():
                 patch.set_attribute(root_module, name, value)
             thresholds = self._merge(modules, compiled)
+            for name in compiled.activations:
+                parent, attribute = name.rsplit('.', 1)
+                patch.set_attribute(modules[parent], attribute, ElementwiseActivation(modules[name]))
             for slot in compiled.program.slots:
                 if slot.kind == 'call':
                     module = call_copy(modules[slot.source])

@@ -12,6 +12,7 @@ from .analysis import Analysis
 from .batchnorms import BatchNormPlan
 from .conservation import Operation, find, relevance_path
 from .cutting import CutTable
+from .modules import elementwise_activation
 from .program import Program
 from .tracer import TraceFailure, trace
 from .transformer import Transformer, learned_constants
@@ -54,6 +55,10 @@ class Compiled:
         path = set(relevance_path(analysis, transformer))
         analysis.unsupported = [entry for entry in analysis.unsupported
                                 if entry[0] not in transformer.weightings and entry[0] in path]
+        #: the activations of batch norms called whole (timm's BatchNormAct2d) that zennit does not know, to be
+        #: declared activations while canonized
+        self.activations = [f'{node.target}.act' for node in analysis.nodes if isinstance(
+            analysis.module(node), _BatchNorm) and elementwise_activation(getattr(analysis.module(node), 'act', None))]
         #: the batch norms that cannot be merged and become affine layers of their own
         self.frozen = sorted({spec.module for spec in transformer.norms.values() if spec.kind == 'batch'})
         #: the parameters and buffers that join the signal as constants (position embeddings, class tokens)

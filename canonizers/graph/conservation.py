@@ -22,6 +22,7 @@ from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, Linear
 
 from .analysis import PRODUCTS, Analysis, target_name
+from .modules import elementwise_activation
 
 #: the kinds of operations without a conserving rule, and what each means, for warnings and reports
 KINDS: Dict[str, str] = {
@@ -257,6 +258,11 @@ def _module(analysis: Analysis, node: torch.fx.Node, merged: Set[str], unmerged:
     if name in whole:
         return Operation(name, kind, 'whole', module=True)
     if isinstance(module, _BatchNorm):
+        # timm's BatchNormAct2d calls its activation inside (a leaf to the tracer): zennit's rule must reach it
+        act = getattr(module, 'act', None)
+        if isinstance(act, torch.nn.Module) and not isinstance(act, (Activation, torch.nn.Identity)) and (
+                not elementwise_activation(act)):
+            return Operation(f'{name}.act', type(act).__name__, 'module', module=True)
         if name in merged:
             return None
         return Operation(name, unmerged.get(name, 'not merged'), 'batch norm', module=True)

@@ -203,3 +203,26 @@ def call_unhooked(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     activations) a pass-through rule that fails on their several inputs and outputs ("hook 'backward' has returned an
     incorrect number of values"); without the hook, the gradient passes through them instead.'''
     return module.forward(*args, **kwargs)
+
+
+#: timm's elementwise activation modules (``timm.layers.activations``), by class name
+TIMM_ACTIVATIONS = frozenset({'GELU', 'GELUTanh', 'QuickGELU', 'Swish', 'Mish', 'Sigmoid', 'Tanh', 'HardSwish',
+                              'HardSigmoid', 'HardMish'})
+
+
+def elementwise_activation(module: torch.nn.Module) -> bool:
+    '''Whether ``module`` is one of timm's elementwise activations, which zennit does not know as activations.'''
+    return type(module).__module__.startswith('timm.layers.activations') and type(module).__name__ in TIMM_ACTIVATIONS
+
+
+class ElementwiseActivation(torch.nn.Module, Activation):
+    '''An elementwise activation zennit does not know (timm's ``GELU``, ``Swish``, ...) declared an activation, so
+    that composites give it their rule for activations; it calls the module it wraps (the forward is bitwise the
+    same). Used where the activation is called inside a module the canonizer keeps whole (timm's ``BatchNormAct2d``).
+    '''
+    def __init__(self, activation: torch.nn.Module) -> None:
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.activation(input)

@@ -165,7 +165,12 @@ class Program:
         holder = self.analysis.holder
         for node, spec in transformer.norms.items():
             slot = self._slot(holder(node), 'canonizer_norm', 'norm', spec=spec)
-            self._replace(node, self._call(node, slot, (self._node(node.args[0]),)))
+            new = self._call(node, slot, (self._node(node.args[0]),))
+            for after in spec.after:
+                with self.graph.inserting_before(node):
+                    new = self.graph.call_module(after, (new,))
+                self.scope[new] = self.scope[node]
+            self._replace(node, new)
         for node, kind in transformer.attentions.items():
             weighting = self._slot(holder(node), 'canonizer_weighting', 'module', prototype=ConstantWeighting())
             if kind == 'module':

@@ -56,6 +56,8 @@ class NormSpec(NamedTuple):
         The names of the running mean and variance (batch norms).
     module: str
         The module it is, if it is one.
+    after: tuple of str
+        Modules to call on its output (the dropout and activation of timm's ``BatchNormAct2d``).
     '''
     kind: str
     weight: Optional[str]
@@ -65,6 +67,7 @@ class NormSpec(NamedTuple):
     groups: int = 1
     running: tuple = ()
     module: str = ''
+    after: tuple = ()
 
 
 def _argument(node: torch.fx.Node, position: int, name: str, default=None):
@@ -91,12 +94,20 @@ def _module_norm(name: str, module: torch.nn.Module, unmerged: Set[str]) -> Opti
         return NormSpec('group', weight, bias, module.eps, groups=module.num_groups, module=name)
     if _RMS_NORM and isinstance(module, _RMS_NORM):
         return NormSpec('rms', weight, bias, module.eps, len(module.normalized_shape), module=name)
-    # torch's own batch norms only: subclasses (timm's BatchNormAct2d) compute more than the normalization
-    if type(module) in _BATCH_NORMS and name in unmerged and module.track_running_stats and (
+    # torch's own batch norms, and timm's BatchNormAct2d (the normalization, then its dropout and activation
+    # modules); other subclasses may compute more than the normalization
+    after = ('drop', 'act') if _timm_batch_norm_act(module) else ()
+    if (type(module) in _BATCH_NORMS or after) and name in unmerged and module.track_running_stats and (
             module.running_mean is not None):
         return NormSpec('batch', weight, bias, module.eps, running=(f'{name}.running_mean', f'{name}.running_var'),
-                        module=name)
+                        module=name, after=tuple(f'{name}.{part}' for part in after))
     return None
+
+
+def _timm_batch_norm_act(module: torch.nn.Module) -> bool:
+    '''Whether ``module`` is timm's ``BatchNormAct2d`` (batch norm, dropout, activation).'''
+    return type(module).__name__ == 'BatchNormAct2d' and type(module).__module__.startswith('timm.') and all(
+        isinstance(getattr(module, part, None), torch.nn.Module) for part in ('drop', 'act'))
 
 
 def _function_norm(node: torch.fx.Node) -> Optional[NormSpec]:
