@@ -17,8 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torchvision
+# two processes take turns: threads that spin after their work (OpenMP's default) would slow the other one's turn
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import median, synchronize, table  # noqa: E402

@@ -220,3 +220,12 @@ def test_feature_concept_attributes_the_last_dimension():
     relevance = torch.arange(24.).reshape(1, 3, 8)
     # ChannelConcept would sum over the features and give one value per token
     assert torch.equal(FeatureConcept().attribute(relevance, abs_norm=False), relevance.sum(1))
+
+
+def test_attention_rules_are_validated_and_kept_by_copies():
+    canonizer = GraphCanonizer(attention='cp-lrp')
+    assert canonizer.copy().attention == 'cp-lrp' and "attention='cp-lrp'" in repr(canonizer)
+    with pytest.raises(ValueError, match="attention='attnlrp': must be one of 'cp-lrp' .*not implemented"):
+        GraphCanonizer(attention='attnlrp')
+    with pytest.raises(ValueError, match="attention='softmax'"):
+        GraphCanonizer(attention='softmax')
