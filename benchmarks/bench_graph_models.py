@@ -5,12 +5,12 @@ Run: ``python benchmarks/bench_graph_models.py [--size 64] [--models NAME,...]``
 
 - forward: relative max error of the canonized model in float32 against the original in float64 (exact arithmetic
   up to 1e-16), and of the canonized model in float64;
-- conservation: input relevance sum over output relevance, bias-free float64 model, Epsilon rule with negligible
-  epsilon (1 is exact; models with LayerNorm or attention have no zennit rules there, so it is not measured);
+- conservation: input relevance sum over output relevance, bias-free float64 model (learned constants and constant
+  shifts zeroed too), Epsilon rule with negligible epsilon (1 is exact);
 - leak factor: sum |leaky| / sum |isolated| of the conditional heatmap of the most relevant channel of a layer inside a
   parallel branch (the middle one of the convolutions and linear layers whose isolation needs a cut), CRP's
   ``exclude_parallel=False`` against ``IsolatingCondAttribution`` (equal to CRP's ``exclude_parallel=True``),
-  EpsilonPlusFlat with ``GraphCanonizer``; not given for models whose relevance is not conserved (not LRP).
+  EpsilonPlusFlat with ``GraphCanonizer``; not given for the transformers, whose branches hold token-major layers.
 '''
 import argparse
 import sys
@@ -27,17 +27,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from timing import table  # noqa: E402
 
 from canonizers import GraphCanonizer  # noqa: E402
+from canonizers.core.attention import zeroed_shifts  # noqa: E402
 from canonizers.crp import IsolatingCondAttribution  # noqa: E402
 from canonizers.evaluation import conservation, randomize_batch_norms, relative_error  # noqa: E402
 from canonizers.graph import graph_cuts_for  # noqa: E402
+from canonizers.support import bias_free  # noqa: E402
 
 TARGET = 3
 TORCHVISION = ['googlenet', 'inception_v3', 'regnet_y_400mf', 'convnext_tiny', 'shufflenet_v2_x1_0', 'mnasnet0_5',
                'swin_t', 'vit_b_16']
 TIMM = ['resnet50d', 'seresnext26d_32x4d', 'efficientnet_b0', 'mobilenetv3_large_100', 'regnety_008', 'densenet121',
         'resnetv2_50', 'convnext_atto']
-#: models with LayerNorm or attention, where zennit has no rules: neither conservation nor a leak factor is given
-NO_RULES = {'convnext_tiny', 'swin_t', 'vit_b_16', 'timm:convnext_atto'}
+#: models whose parallel branches hold token-major layers ([batch, ..., features]), where CRP's ChannelConcept takes
+#: tokens, not features: no leak factor is given (canonizers.crp.FeatureConcept is the concept for them)
+TOKEN_MAJOR = {'convnext_tiny', 'swin_t', 'vit_b_16', 'timm:convnext_atto'}
 #: input sizes the models need at least
 SIZES = {'inception_v3': 96, 'vit_b_16': 224, 'swin_t': 224}
 
@@ -116,13 +119,13 @@ def measure(name: str, size: int) -> List[str]:
     size = max(size, SIZES.get(name.split(':')[-1], 0))
     data = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     float32, float64 = forward_errors(name, data)
-    conserved = '-'
-    if name not in NO_RULES:
-        model = make(name, torch.float64, bias_free=True)
+    # learned constants (position embeddings, class tokens) and constant shifts are zeroed with the biases
+    model = bias_free(make(name, torch.float64, bias_free=True))
+    with zeroed_shifts():
         conserved = f'{abs(conservation(model, data, TARGET, [GraphCanonizer()]) - 1):.1e}'
-    if name in NO_RULES:
-        # a ratio of heatmaps that are not LRP says nothing about isolation
-        return [name, f'{size}', f'{float32:.1e}', f'{float64:.1e}', conserved, 'not given: relevance not conserved']
+    if name in TOKEN_MAJOR:
+        return [name, f'{size}', f'{float32:.1e}', f'{float64:.1e}', conserved,
+                'not given: token-major layers (FeatureConcept)']
     layer, factor = leak_factor(name, data)
     return [name, f'{size}', f'{float32:.1e}', f'{float64:.1e}', conserved, f'{factor:.1f}x ({layer})']
 

@@ -22,6 +22,7 @@ from .evaluation import conservation_composite, relative_error
 from .graph import GraphCanonizer
 from .graph.compiled import Compiled, compiled_for
 from .graph.conservation import KINDS, Operation, by_kind, count, listing
+from .graph.transformer import attribute_at
 
 #: statuses, and the exit status of ``canonizers check`` for each
 SUPPORTED, NOT_CONSERVATIVE, REFUSED = 'supported', 'not conservative', 'refused'
@@ -159,9 +160,8 @@ def bias_free(model: torch.nn.Module) -> torch.nn.Module:
         learned = []
     with torch.no_grad():
         for name in learned:
-            *path, attribute = name.split('.')
             # constants the tracer made (held by the compiled forward, not the model) are no learned constants
-            value = getattr(model.get_submodule('.'.join(path)), attribute, None)
+            value = attribute_at(model, name, None)
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 value.zero_()
         for module in model.modules():

@@ -52,9 +52,10 @@ class Compiled:
         transformer = Transformer(analysis, set(self.batch_norms.unmerged))
         # products that attention weights enter are linear maps now, and those computing the weights (q @ k^T)
         # carry no relevance: neither is a parallel path
-        path = set(relevance_path(analysis, transformer))
+        path = relevance_path(analysis, transformer)
+        on_path = set(path)
         analysis.unsupported = [entry for entry in analysis.unsupported
-                                if entry[0] not in transformer.weightings and entry[0] in path]
+                                if entry[0] not in transformer.weightings and entry[0] in on_path]
         #: the activations of batch norms called whole (timm's BatchNormAct2d) that zennit does not know, to be
         #: declared activations while canonized
         self.activations = [f'{node.target}.act' for node in analysis.nodes if isinstance(
@@ -81,7 +82,7 @@ class Compiled:
         #: the operations on the relevance path that the rules of a zennit composite do not conserve relevance through
         #: (found before the program rewrites the graph)
         self.operations: List[Operation] = find(analysis, self.merged, self.batch_norms.unmerged, self.whole,
-                                                transformer)
+                                                transformer, path)
         self.program = Program(analysis, self.batch_norms, hooked, transformer)
         self.unsupported = [(analysis.holder(node), reason) for node, reason, _ in analysis.unsupported]
         # keep names only: the cache must not keep the model alive

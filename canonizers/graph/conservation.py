@@ -203,7 +203,7 @@ def _in_place(node: torch.fx.Node) -> bool:
 
 
 def find(analysis: Analysis, merged: Iterable[str], unmerged: Dict[str, str], whole: Iterable[str],
-         transformer=None) -> List[Operation]:
+         transformer=None, path: 'Sequence[torch.fx.Node] | None' = None) -> List[Operation]:
     '''The operations on the relevance path of a traced model that the rules of a zennit composite do not conserve
     relevance through, once the graph canonizer has canonized it.
 
@@ -219,6 +219,8 @@ def find(analysis: Analysis, merged: Iterable[str], unmerged: Dict[str, str], wh
         The modules it keeps whole.
     transformer: :py:class:`~canonizers.graph.transformer.Transformer`, optional
         The normalizations, attention and constant shifts it turns into modules with rules.
+    path: sequence of :py:obj:`torch.fx.Node`, optional
+        The relevance path (:py:func:`relevance_path`), if computed already.
 
     Returns
     -------
@@ -233,7 +235,7 @@ def find(analysis: Analysis, merged: Iterable[str], unmerged: Dict[str, str], wh
         handled |= transformer.handled()
     unsupported = {node: reason for node, reason, _ in analysis.unsupported}
     operations: Dict[Tuple[str, str], Operation] = {}
-    for node in relevance_path(analysis, transformer):
+    for node in relevance_path(analysis, transformer) if path is None else path:
         if node in handled:
             continue
         if node in unsupported:

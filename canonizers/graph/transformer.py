@@ -255,21 +255,23 @@ def learned_constants(analysis, transformer: Transformer) -> List[str]:
     return list(names)
 
 
-def _attribute(root: torch.nn.Module, target: Optional[str]) -> Optional[torch.Tensor]:
+def attribute_at(root: torch.nn.Module, target: Optional[str], *default: object) -> object:
+    '''The attribute ``target`` (dotted, a ``get_attr`` target) of ``root``; None for None; ``default`` if given and
+    the attribute is missing.'''
     if target is None:
         return None
     *path, name = target.split('.')
-    return getattr(root.get_submodule('.'.join(path)), name)
+    return getattr(root.get_submodule('.'.join(path)), name, *default)
 
 
 def build_norm(spec: NormSpec, root: torch.nn.Module) -> torch.nn.Module:
     '''The affine module with a constant normalizing factor for ``spec``, holding ``root``'s own parameters.'''
-    weight, bias = _attribute(root, spec.weight), _attribute(root, spec.bias)
+    weight, bias = attribute_at(root, spec.weight), attribute_at(root, spec.bias)
     if spec.kind == 'layer':
         return ConstantStdLayerNorm(weight, bias, spec.eps, spec.dims)
     if spec.kind == 'group':
         return ConstantStdGroupNorm(weight, bias, spec.eps, spec.groups)
     if spec.kind == 'rms':
         return ConstantRMSNorm(weight, bias, spec.eps, spec.dims)
-    mean, var = (_attribute(root, name) for name in spec.running)
+    mean, var = (attribute_at(root, name) for name in spec.running)
     return FrozenBatchNorm(weight, bias, spec.eps, mean, var)
