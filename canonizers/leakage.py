@@ -17,6 +17,7 @@ deviation
     ``max|isolated - reference| / max|reference|``: how far the isolated heatmap is from CRP's
     ``exclude_parallel=True`` reference (0 up to rounding).
 '''
+import copy
 import math
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -25,6 +26,9 @@ import torch
 from .core.family import FamilyCanonizer
 
 MODEL_OUTPUT = 'y'
+#: the largest deviation of an isolated float32 heatmap from CRP's reference that float32 rounding explains; above
+#: it, :py:func:`compare_heatmaps` measures the deviation again in float64
+FLOAT32_ROUNDING = 1e-4
 
 
 def condition_layers(condition: Mapping[str, Sequence[int]]) -> List[str]:
@@ -66,6 +70,7 @@ def attribute_class(
     family: Callable[..., FamilyCanonizer],
     composite: Callable[..., object],
     layer: Optional[str] = None,
+    concept: Optional[object] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     '''The heatmap of a class and, optionally, the relevance of each channel (concept) of one layer for it.
 
@@ -83,16 +88,21 @@ def attribute_class(
         zennit composite class taking ``canonizers=[...]``.
     layer: str, optional
         Name of the layer whose channel relevances to record.
+    concept: CRP concept, optional
+        What the concepts of ``layer`` are: CRP's ``ChannelConcept`` (dimension 1, the default), or e.g.
+        :py:class:`canonizers.crp.FeatureConcept` (the last dimension, for token-major layers of transformers).
 
     Returns
     -------
     heatmap: :py:obj:`torch.Tensor`
         The class heatmap, ``[H, W]``.
     relevances: :py:obj:`torch.Tensor` or None
-        The relevance of each channel of ``layer`` (summed over its other dimensions), ``[channels]``; None without
-        ``layer``.
+        The relevance of each concept (channel) of ``layer`` (summed over its other dimensions), ``[concepts]``; None
+        without ``layer``.
     '''
     from crp.attribution import CondAttribution
+
+    from .crp.concepts import concept_for
 
     attribution = CondAttribution(model, no_param_grad=False)
     result = attribution(
@@ -101,9 +111,40 @@ def attribute_class(
     )
     relevances = None
     if layer:
-        recorded = result.relevances[layer][0].detach()
-        relevances = recorded.reshape(recorded.shape[0], -1).sum(1) if recorded.dim() > 1 else recorded
+        # features on the last dimension of token-major layers (transformers), channels on dimension 1 otherwise
+        concept = concept_for(model, layer, data)
+        relevances = concept.attribute(result.relevances[layer].detach(), abs_norm=False)[0]
     return result.heatmap[0].detach(), relevances
+
+
+def _float64_deviations(model: torch.nn.Module, data: torch.Tensor, conditions: Sequence[Mapping[str, Sequence[int]]],
+                        family: Callable[..., FamilyCanonizer], composite: Callable[..., object],
+                        masks: Dict[str, Callable]) -> List[float]:
+    ''':py:func:`relative_deviation` of the isolated heatmaps from CRP's reference, each condition computed in
+    float64 on a copy of the model.'''
+    from crp.attribution import CondAttribution
+
+    from .crp import IsolatingCondAttribution
+
+    exact = copy.deepcopy(model).double()
+    sample = data.detach().double().requires_grad_(True)
+    isolated = IsolatingCondAttribution(exact, no_param_grad=False)(
+        sample, [dict(condition) for condition in conditions], composite(canonizers=[family()]),
+        mask_map=masks).heatmap.detach()
+    attribution = CondAttribution(exact, no_param_grad=False)
+    return [relative_deviation(isolated[index], attribution(
+        sample, [dict(condition)], composite(canonizers=[family()]), exclude_parallel=True,
+        mask_map=masks).heatmap.detach()[0]) for index, condition in enumerate(conditions)]
+
+
+def concept_masks(model: torch.nn.Module, conditions: Sequence[Mapping[str, Sequence[int]]],
+                  data: torch.Tensor) -> Dict[str, Callable]:
+    '''CRP's ``mask_map`` for the conditioned layers: each layer's concept mask (features on the last dimension of
+    token-major layers, see :py:func:`canonizers.crp.concepts.concept_for`).'''
+    from .crp.concepts import concept_for
+
+    layers = dict.fromkeys(layer for condition in conditions for layer in condition_layers(condition))
+    return {layer: concept_for(model, layer, data).mask for layer in layers}
 
 
 def compare_heatmaps(
@@ -113,6 +154,7 @@ def compare_heatmaps(
     family: Callable[..., FamilyCanonizer],
     composite: Callable[..., object],
     reference: bool = True,
+    concept: Optional[object] = None,
 ) -> List[Dict[str, object]]:
     '''For each condition, the leaky heatmap (CRP without isolation), ours (isolated by
     :py:class:`~canonizers.crp.IsolatingCondAttribution`: one forward pass, partial backward passes) and CRP's
@@ -133,24 +175,34 @@ def compare_heatmaps(
         zennit composite class taking ``canonizers=[...]``, e.g. ``zennit.composites.EpsilonPlusFlat``.
     reference: bool, optional
         Whether to compute CRP's reference too (one more forward and backward pass per set of conditioned layers).
+    concept: CRP concept, optional
+        What the concept ids of the conditions select: CRP's ``ChannelConcept`` (dimension 1, the default), or e.g.
+        :py:class:`canonizers.crp.FeatureConcept` (the last dimension, for token-major layers of transformers).
 
     Returns
     -------
     list of dict
         Per condition: ``condition``, ``cut``, the heatmaps ``leaky``, ``isolated``, ``reference`` (each ``[H, W]``;
         ``reference`` None without ``reference``), ``deviation``, the relative max abs difference of isolated and
-        reference (None without reference), and ``leaked_share``, see :py:func:`leaked_share`.
+        reference (None without reference; where it is above :py:data:`FLOAT32_ROUNDING` in float32, as it can be
+        on deep transformers, it is the same condition's in float64), and ``leaked_share``, see
+        :py:func:`leaked_share`.
     '''
     from crp.attribution import CondAttribution
+    from crp.concepts import ChannelConcept
 
     from .crp import IsolatingCondAttribution, cuts_for
 
+    # the same masks for all three heatmaps, so that they differ in the isolation only
+    masks = {'mask_map': ChannelConcept.mask if concept is None else concept.mask}
     conditions = [dict(condition) for condition in conditions]
     sample = data.detach().clone().requires_grad_(True)
     engine = IsolatingCondAttribution(model, no_param_grad=False)
+    masks = concept_masks(model, conditions, sample)
     # all conditions at once: one batch for the leaky heatmaps, one forward pass for the isolated ones
-    leaky = engine(sample, conditions, composite(canonizers=[family()]), exclude_parallel=False).heatmap.detach()
-    isolated = engine(sample, conditions, composite(canonizers=[family()])).heatmap.detach()
+    leaky = engine(sample, conditions, composite(canonizers=[family()]), exclude_parallel=False,
+                   mask_map=masks).heatmap.detach()
+    isolated = engine(sample, conditions, composite(canonizers=[family()]), mask_map=masks).heatmap.detach()
     references: List[Optional[torch.Tensor]] = [None] * len(conditions)
     if reference:
         # CRP's exclude_parallel=True takes conditions with the same layers together and returns them grouped
@@ -160,9 +212,21 @@ def compare_heatmaps(
         attribution = CondAttribution(model, no_param_grad=False)
         for indices in groups.values():
             heatmaps = attribution(sample, [conditions[index] for index in indices], composite(canonizers=[family()]),
-                                   exclude_parallel=True).heatmap.detach()
+                                   exclude_parallel=True, mask_map=masks).heatmap.detach()
             for index, heatmap in zip(indices, heatmaps):
                 references[index] = heatmap
+
+    deviations = [relative_deviation(isolated[index], reference_heatmap) if reference_heatmap is not None else None
+                  for index, reference_heatmap in enumerate(references)]
+    rounded = [index for index, deviation in enumerate(deviations) if deviation is not None and deviation > (
+        FLOAT32_ROUNDING) and sample.dtype == torch.float32]
+    if rounded:
+        # a small isolated heatmap of a deep model (a transformer) can differ from CRP's by more than float32
+        # rounding of the larger leaky one: the same in float64 tells rounding from a wrong heatmap
+        remeasured = _float64_deviations(model, sample, [conditions[index] for index in rounded], family, composite,
+                                         masks)
+        for index, deviation in zip(rounded, remeasured):
+            deviations[index] = deviation
 
     rows = []
     for index, (condition, cut) in enumerate(zip(conditions, cuts_for(model, conditions))):
@@ -173,7 +237,7 @@ def compare_heatmaps(
             'leaky': leaky[index],
             'isolated': isolated[index],
             'reference': crp_reference,
-            'deviation': relative_deviation(isolated[index], crp_reference) if reference else None,
+            'deviation': deviations[index] if reference else None,
             'leaked_share': leaked_share(leaky[index], isolated[index]),
         })
     return rows

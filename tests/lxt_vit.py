@@ -1,10 +1,10 @@
 '''The LXT 2.1 reference on torchvision's ``vit_b_16``: CP-LRP as LXT computes it (its efficient rules for
 torchvision's vision transformer: attention weights constant, LayerNorm with its standard deviation constant, the
-identity rule on GELU; the relevance is ``x * x.grad``).
+identity rule on GELU; the relevance is ``x * x.grad``), and AttnLRP from LXT's rules (:func:`attnlrp_patches`).
 
 LXT patches torchvision's classes for the whole process, so the test runs this file in a process of its own::
 
-    python tests/lxt_vit.py OUT.pt
+    python tests/lxt_vit.py OUT.pt [cp-lrp|attnlrp]
 
 writes the input relevance of :func:`build`'s model and input there. The test builds the same model and input with
 :func:`build` (the same seeds, the same torch) and compares.
@@ -37,12 +37,36 @@ def build() -> Tuple[torch.nn.Module, torch.Tensor]:
     return model, data
 
 
-def lxt_relevance() -> torch.Tensor:
-    '''The input relevance of LXT's CP-LRP for :data:`TARGET`.'''
+def attnlrp_patches() -> dict:
+    '''LXT's AttnLRP rules for torchvision's vision transformer, from LXT's own efficient rules: LXT 2.1 maps
+    torchvision's ViT to CP-LRP only, and applies AttnLRP to attention by dividing the gradient of queries and keys by
+    4 and of values by 2 (``lxt.efficient.patches.wrap_attention_forward``: the uniform rule on ``q @ k^T`` and on
+    ``weights @ v``, the gradient through the softmax being its rule). Dividing before the input projection is the same
+    (it is linear).'''
+    from functools import partial
+
+    from lxt.efficient.patches import layer_norm_forward, non_linear_forward, patch_method
+    from lxt.efficient.rules import divide_gradient
+    from torchvision.models import vision_transformer
+
+    def attention_forward(self, query, key, value, *args, **kwargs):
+        return self.original_forward(divide_gradient(query, 4), divide_gradient(key, 4), divide_gradient(value, 2),
+                                     *args, **kwargs)
+
+    return {
+        vision_transformer.nn.GELU: partial(patch_method, non_linear_forward, keep_original=True),
+        vision_transformer.nn.LayerNorm: partial(patch_method, layer_norm_forward),
+        vision_transformer.nn.MultiheadAttention: partial(patch_method, attention_forward, keep_original=True),
+    }
+
+
+def lxt_relevance(rules: str = 'cp-lrp') -> torch.Tensor:
+    '''The input relevance of LXT's CP-LRP (``rules="cp-lrp"``, LXT's map for torchvision's ViT) or AttnLRP
+    (``"attnlrp"``, :func:`attnlrp_patches`) for :data:`TARGET`.'''
     from lxt.efficient import monkey_patch
     from torchvision.models import vision_transformer
 
-    monkey_patch(vision_transformer)
+    monkey_patch(vision_transformer, attnlrp_patches() if rules == 'attnlrp' else None)
     model, data = build()
     data.requires_grad_()
     output = model(data)
@@ -51,4 +75,4 @@ def lxt_relevance() -> torch.Tensor:
 
 
 if __name__ == '__main__':
-    torch.save(lxt_relevance(), sys.argv[1])
+    torch.save(lxt_relevance(sys.argv[2] if len(sys.argv) > 2 else 'cp-lrp'), sys.argv[1])

@@ -2,14 +2,17 @@
 or a usage error (one line, no traceback); ``explain`` prints the verdict above its table where a model is not
 supported, and flags isolated heatmaps that deviate from CRP's reference above rounding.'''
 import contextlib
+import csv
 import io
+from importlib.metadata import version
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from canonizers import cli
-from canonizers.cli.checking import deviation_warnings
+from canonizers.cli.checking import ROUNDING, deviation_warnings
 from canonizers.evaluation import randomize_batch_norms
 
 pytest.importorskip('crp')
@@ -33,10 +36,11 @@ def test_check_a_conserving_model_exits_0():
 
 
 def test_check_a_model_that_does_not_conserve_exits_1_and_names_the_operations():
-    status, stdout, _ = run('check', 'timm:starnet_s050', '--size', '32')
+    # its RMSNorm is written out (var, rsqrt): no rule for it
+    status, stdout, _ = run('check', 'timm:convnext_zepto_rms', '--size', '32')
     assert status == 1
-    assert "product (6 places): a product of two paths that is no gate" in stdout
-    assert 'verdict: exact, relevance not conserved at 6 places of product' in stdout
+    assert "function (30 places): var in 'stem.1', rsqrt in 'stem.1'" in stdout
+    assert 'verdict: exact, relevance not conserved at 30 places of function' in stdout
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -52,18 +56,18 @@ def test_check_usage_errors_are_one_line_with_status_2(argv, message):
 
 def test_explain_prints_the_verdict_above_its_table_where_a_model_is_not_supported(tmp_path):
     torch.manual_seed(0)
-    model = randomize_batch_norms(timm.create_model('starnet_s050', pretrained=False, num_classes=10))
-    weights = tmp_path / 'starnet.pt'
+    model = randomize_batch_norms(timm.create_model('convnext_zepto_rms', pretrained=False, num_classes=10))
+    weights = tmp_path / 'convnext.pt'
     torch.save(model.state_dict(), weights)
     image = tmp_path / 'noise.png'
     Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(
         image)
-    status, stdout, stderr = run('explain', '--model', 'timm:starnet_s050', '--weights', weights, '--image', image,
-                                 '--layer', 'stages.1.1.dwconv.conv', '--top', '1', '--size', '32',
+    status, stdout, stderr = run('explain', '--model', 'timm:convnext_zepto_rms', '--weights', weights, '--image',
+                                 image, '--layer', 'stages.1.blocks.0.conv_dw', '--top', '1', '--size', '32',
                                  '--out', tmp_path / 'out')
     assert status == 0, stderr
     warning = next(line for line in stdout.splitlines() if line.startswith('warning: '))
-    assert warning.startswith('warning: exact, relevance not conserved at 6 places of product')
+    assert warning.startswith('warning: exact, relevance not conserved at 30 places of function')
     assert stdout.index(warning) < stdout.index('concept')
 
 
@@ -73,3 +77,45 @@ def test_deviations_above_rounding_are_flagged():
             {'image': 'c.png', 'concept': 1, 'max_deviation': ''}]
     warnings = deviation_warnings(rows)
     assert len(warnings) == 1 and 'concept 5 of b.png' in warnings[0] and 'above float32 rounding' in warnings[0]
+
+
+def _vit_b_16():
+    return torchvision.models.vit_b_16()
+
+
+def _vit_tiny():
+    return timm.create_model('vit_tiny_patch16_224', pretrained=False)
+
+
+# the command's code is the same on every zennit version (its rules are tested on each): run once, as it is slow
+@pytest.mark.skipif(version('zennit') != '0.4.6', reason='explain on ViTs is run with zennit 0.4.6 only (slow)')
+@pytest.mark.parametrize('model, build, layer', [
+    ('timm:vit_tiny_patch16_224', _vit_tiny, 'blocks.10.mlp.fc1'),
+    ('vit_b_16', _vit_b_16, 'encoder.layers.encoder_layer_10.mlp.0'),
+])
+def test_explain_isolates_feature_concepts_of_vision_transformers(tmp_path, model, build, layer):
+    torch.manual_seed(0)
+    network = build()
+    for parameter in network.parameters():
+        if parameter.dim() > 1 and parameter.abs().max() == 0:
+            # zero-initialised heads leave no relevance
+            torch.nn.init.normal_(parameter, std=0.02)
+    weights = tmp_path / 'vit.pt'
+    torch.save(network.state_dict(), weights)
+    image = tmp_path / 'noise.png'
+    Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(
+        image)
+    status, stdout, stderr = run('explain', '--model', model, '--weights', weights, '--image', image, '--layer', layer,
+                                 '--top', '2', '--out', tmp_path / 'out')
+    assert status == 0, stderr
+    lines = [line for line in (tmp_path / 'out' / 'heatmaps.csv').read_text().splitlines() if not line.startswith('#')]
+    rows = list(csv.DictReader(lines))
+    assert len(rows) == 2
+    features = network.get_submodule(layer).out_features
+    for row in rows:
+        # concepts are features (the last dimension), not tokens, and isolated as CRP's exclude_parallel=True
+        assert 0 <= int(row['concept']) < features and features > 197
+        # float32 rounding, or (above it) the float64 deviation
+        assert float(row['max_deviation']) <= ROUNDING
+        assert row['cut'] and float(row['leaked_share']) > 0.1
+    assert 'deviates from CRP' not in stdout

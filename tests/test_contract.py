@@ -180,7 +180,8 @@ def test_per_sample_cuts_equal_each_sample_alone(family):
     for index, spec in enumerate(specs):
         alone = attribute(model, data[index:index + 1].detach().requires_grad_(),
                           EpsilonPlusFlat(canonizers=[family.canonizer(cut=spec)]))
-        assert relative_error(batched[index:index + 1], alone) < 1e-12
+        # a batch of 3 and one sample take different kernels: rounding differs (1e-11 measured on DenseNet-121, AVX2)
+        assert relative_error(batched[index:index + 1], alone) < 1e-10
     with pytest.raises(ValueError, match='one cut per sample'):
         attribute(model, make_input(2, dtype=torch.float64),
                   EpsilonPlusFlat(canonizers=[family.canonizer(cut=PerSampleCut(specs))]))

@@ -1,7 +1,9 @@
 '''GraphCanonizer on a model of its own: a three-way sum, ``+=``, ``torch.add``, a functional ReLU, a gate, a
 concatenation of convolutions with a batch norm after it, and a pre-activation head; cuts, per-sample cuts, cut
 changes, hooks, refusals, warnings and rollback.'''
+import operator
 import random
+import warnings
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from canonizers import ConstantGate, MaskedSum, PerSampleCut, ThresholdReLU
 from canonizers.graph import GraphCanonizer, graph_cuts_for
 from canonizers.graph import program as graph_program
 from canonizers.graph import tracer as graph_tracer
+from canonizers.support import bias_free as without_biases
 
 TARGET = 3
 
@@ -440,25 +443,51 @@ def test_model_canonized_by_a_family_canonizer_is_refused():
         instance.remove()
 
 
+class TwoPaths(torch.nn.Module):
+    '''Two convolutions of one input, joined by ``join``.'''
+    def __init__(self, join) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.other = torch.nn.Conv2d(3, 3, 1)
+        self.join = join
+
+    def forward(self, x):
+        x = torch.relu(x)
+        return self.join(self.conv(x), self.other(x))
+
+
 def test_merge_that_cannot_be_cut_is_warned_about_and_refused_for_isolation():
-    class Difference(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 3, 1)
-            self.other = torch.nn.Conv2d(3, 3, 1)
-
-        def forward(self, x):
-            x = torch.relu(x)
-            return self.conv(x) - self.other(x)
-
-    model = Difference().eval()
-    message = "leaves 1 operation of parallel paths of Difference as .*: a sub of 2 paths in 'the forward'"
+    model = TwoPaths(torch.maximum).eval()
+    message = "leaves 1 operation of parallel paths of TwoPaths as .*: a maximum of 2 paths in 'the forward'"
     with pytest.warns(UserWarning, match=message):
         instances = GraphCanonizer().apply(model)
     for instance in instances:
         instance.remove()
-    with pytest.raises(ValueError, match="relevance can go around 'conv' through a sub of 2 paths"):
+    with pytest.raises(ValueError, match="relevance can go around 'conv' through a maximum of 2 paths"):
         graph_cuts_for(model, [{'conv': [0]}])
+
+
+def test_difference_of_two_paths_is_a_sum_that_conserves_and_can_be_cut():
+    model = TwoPaths(operator.sub).double().eval()
+    # positive, so that no pixel is 0 on both paths
+    data = torch.rand(1, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        instances = GraphCanonizer().apply(model)
+    for instance in instances:
+        instance.remove()
+    # the oracle: each path's share is that of its term (the sum rule on a and -b)
+    initial = torch.randn(1, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    shares = []
+    for cut in ({':0': '1'}, {':0': '0'}):
+        with Gradient(without_biases(model), conservation_composite([GraphCanonizer(cut=cut)])) as attributor:
+            _, relevance = attributor(data.clone().requires_grad_(), initial)
+        shares.append(relevance.sum().item())
+    model = without_biases(model)
+    first, second = model.conv(torch.relu(data)), -model.other(torch.relu(data))
+    expected = [(initial * term / (first + second)).sum().item() for term in (first, second)]
+    assert shares == pytest.approx(expected, rel=1e-9)
+    assert graph_cuts_for(model, [{'conv': [0]}]) == [{':0': '1'}]
 
 
 def test_in_place_sum_whose_input_is_read_again_is_left_as_it_is():

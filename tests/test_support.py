@@ -55,7 +55,17 @@ class Softmax(torch.nn.Module):
 
 
 class Product(torch.nn.Module):
-    '''A product of two signals that is no gate.'''
+    '''A matrix product with a weight: a linear map without a rule (as SwiftFormer's ``query @ w_g``).'''
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.transpose(1, -1) @ self.weight).transpose(1, -1)
+
+
+class TwoSignals(torch.nn.Module):
+    '''A product of two signals that is no gate: the uniform rule.'''
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.tanh(x)
 
@@ -119,6 +129,27 @@ def test_every_operation_without_a_conserving_rule_is_named_and_measured(case):
     # the oracle: the measured conservation of the bias-free copy is off indeed
     assert abs(report.conservation - 1) > 1e-6
     assert report.forward_float64 < 1e-12
+
+
+@pytest.mark.parametrize('layer', [TwoSignals, lambda: Difference()])
+def test_products_and_differences_of_two_signals_conserve(layer):
+    model = make(layer())
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', NotConservedWarning)
+        report = check(model, data())
+    assert report.status == 'supported' and abs(report.conservation - 1) < 1e-9, report
+    # the oracle is sharp: the same model without the canonizer does not conserve
+    model = bias_free(model)
+    input = data().requires_grad_()
+    with Gradient(model, conservation_composite([])) as attributor:
+        output, relevance = attributor(input, torch.eye(10, dtype=torch.float64)[[3]])
+    assert abs(relevance.sum().item() / output[0, 3].item() - 1) > 1e-3
+
+
+class Difference(torch.nn.Module):
+    '''``pool(x) - x`` (PoolFormer's token mixer).'''
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False) - 2 * x
 
 
 def test_a_conserving_model_is_reported_so_and_not_warned_about():
@@ -187,6 +218,11 @@ ZOO = {
     'timm:resnetv2_18': (timm_model('resnetv2_18'), 32, 'supported', set()),
     # merged BatchNormAct2d whose activation is timm's GELU (zennit knows no such activation)
     'timm:efficientformerv2_s0': (timm_model('efficientformerv2_s0', img_size=64), 64, 'supported', set()),
+    # products of two signals that are no gate: the uniform rule (gMLP's spatial gating, StarNet's x1 * x2)
+    'timm:gmlp_ti16_224': (timm_model('gmlp_ti16_224', img_size=32), 32, 'supported', set()),
+    'timm:starnet_s050': (timm_model('starnet_s050'), 32, 'supported', set()),
+    # pool(x) - x, a difference of two paths (a signed sum), and StarReLU, an activation kept whole
+    'timm:poolformerv2_s12': (timm_model('poolformerv2_s12'), 32, 'supported', set()),
 }
 
 
@@ -195,9 +231,11 @@ def test_check_on_models_of_different_kinds(name):
     build, size, status, kinds = ZOO[name]
     torch.manual_seed(0)
     model = randomize_batch_norms(build())
-    if name == 'timm:sequencer2d_s':
-        # timm starts its head at zero, which leaves no relevance to measure
-        torch.nn.init.normal_(model.head.fc.weight, std=0.02)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1 and parameter.abs().max() == 0:
+                # timm starts some heads at zero, which leaves no relevance to measure
+                parameter.normal_(0, 0.02)
     report = check(model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)))
     assert report.status == status, report.verdict
     assert {operation.kind for operation in report.operations} == kinds

@@ -24,6 +24,7 @@ from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlusFlat
 
 from canonizers import GraphCanonizer, NotConservedWarning, check
+from canonizers.core.products import SoftmaxRule, UniformProduct
 from canonizers.crp import FeatureConcept, IsolatingCondAttribution, cuts_for
 from canonizers.support import bias_free
 
@@ -168,26 +169,41 @@ def _lxt_path() -> 'str | None':
     return path if (pathlib.Path(path) / 'lxt').is_dir() else None
 
 
+@pytest.fixture(scope='module')
+def lxt_references(tmp_path_factory):
+    '''LXT's input relevance on :func:`lxt_vit.build`'s vit_b_16, per treatment of attention, each computed in a
+    process of its own (LXT patches torchvision's classes).'''
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([_lxt_path() or '', str(HERE.parent)]))
+    references = {}
+    for rules in ('cp-lrp', 'attnlrp'):
+        out = tmp_path_factory.mktemp('lxt') / f'{rules}.pt'
+        subprocess.run([sys.executable, str(HERE / 'lxt_vit.py'), str(out), rules], check=True, env=environment,
+                       timeout=600)
+        references[rules] = torch.load(out)
+    return references
+
+
 @pytest.mark.skipif(_lxt_path() is None, reason='LXT 2.1 is not installed in .lxt (make test installs it)')
-def test_cp_lrp_equals_lxt_on_vit_b_16(tmp_path):
+@pytest.mark.parametrize('rules', ['cp-lrp', 'attnlrp'])
+def test_attention_rules_equal_lxt_on_vit_b_16(lxt_references, rules):
     sys.path.insert(0, str(HERE))
     try:
         import lxt_vit
     finally:
         sys.path.remove(str(HERE))
-    out = tmp_path / 'lxt.pt'
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([_lxt_path(), str(HERE.parent)]))
-    subprocess.run([sys.executable, str(HERE / 'lxt_vit.py'), str(out)], check=True, env=environment, timeout=600)
-    reference = torch.load(out)
+    reference = lxt_references[rules]
     model, input = lxt_vit.build()
     input.requires_grad_()
     # a vanishing epsilon on linear layers, the same stabilizer on sums, Pass on activations: LXT's rules
-    with Gradient(model, conservation_composite([GraphCanonizer()], epsilon=1e-30)) as attributor:
+    with Gradient(model, conservation_composite([GraphCanonizer(attention=rules)], epsilon=1e-30)) as attributor:
         _, relevance = attributor(input, lambda out: output_relevance(out, lxt_vit.TARGET))
     assert relative_error(relevance, reference) <= 1e-6
-    # the oracle is sharp: gradient times input (what LXT computes, without its rules) is far from it
+    # the oracle is sharp: gradient times input (what LXT computes, without its rules) is far from it, and so is
+    # the other treatment of attention
     gradient, = torch.autograd.grad(model(input)[0, lxt_vit.TARGET], input)
     assert relative_error(input * gradient, reference) > 1e-2
+    other, = {'cp-lrp', 'attnlrp'} - {rules}
+    assert relative_error(lxt_references[other], reference) > 1e-2
 
 
 @pytest.mark.parametrize('layers', [('encoder.layers.encoder_layer_1.mlp.0',),
@@ -223,9 +239,117 @@ def test_feature_concept_attributes_the_last_dimension():
 
 
 def test_attention_rules_are_validated_and_kept_by_copies():
-    canonizer = GraphCanonizer(attention='cp-lrp')
-    assert canonizer.copy().attention == 'cp-lrp' and "attention='cp-lrp'" in repr(canonizer)
-    with pytest.raises(ValueError, match="attention='attnlrp': must be one of 'cp-lrp' .*not implemented"):
-        GraphCanonizer(attention='attnlrp')
-    with pytest.raises(ValueError, match="attention='softmax'"):
+    for rules in ('cp-lrp', 'attnlrp'):
+        canonizer = GraphCanonizer(attention=rules)
+        assert canonizer.copy().attention == rules and f"attention={rules!r}" in repr(canonizer)
+    with pytest.raises(ValueError, match="attention='softmax': must be one of 'cp-lrp', 'attnlrp'"):
         GraphCanonizer(attention='softmax')
+
+
+def _relevance(model, input, rules, composite=None):
+    composite = composite or conservation_composite([GraphCanonizer(attention=rules)], epsilon=1e-30)
+    with Gradient(model, composite) as attributor:
+        _, relevance = attributor(input, lambda out: output_relevance(out, TARGET))
+    return relevance
+
+
+def test_attnlrp_is_the_same_on_every_form_of_attention():
+    # the same attention as explicit products and softmax in the graph, through F.scaled_dot_product_attention and
+    # as nn.MultiheadAttention: three code paths, one function, one set of rules (the module's is LXT's, tested above)
+    explicit = randomized(Tokens('explicit'))
+    fused = randomized(Tokens('sdpa'))
+    fused.load_state_dict(explicit.state_dict())
+    module = randomized(Tokens('module'))
+    state = {name: value for name, value in explicit.state_dict().items() if not name.startswith('attn.')}
+    state.update({'attn.in_proj_weight': explicit.attn.qkv.weight, 'attn.in_proj_bias': explicit.attn.qkv.bias,
+                  'attn.out_proj.weight': explicit.attn.proj.weight, 'attn.out_proj.bias': explicit.attn.proj.bias})
+    module.load_state_dict(state)
+    input = data(8).requires_grad_()
+    reference = _relevance(explicit, input, 'attnlrp')
+    assert relative_error(_relevance(fused, input, 'attnlrp'), reference) < 1e-10
+    # nn.MultiheadAttention has no relative position bias: without it, the three agree
+    with torch.no_grad():
+        explicit.attn.bias.zero_()
+    reference = _relevance(explicit, input, 'attnlrp')
+    assert relative_error(_relevance(module, input, 'attnlrp'), reference) < 1e-10
+    # the oracle is sharp: CP-LRP on the same model differs
+    assert relative_error(_relevance(explicit, input, 'cp-lrp'), reference) > 1e-2
+
+
+@pytest.mark.parametrize('name', ['torchvision swin_t', 'torchvision swin_v2_t', 'timm vit_tiny_patch16_224',
+                                  'timm levit_128s (hybrid)'])
+def test_attnlrp_attributes_any_attention_exactly_and_removal_restores(name):
+    build, size = MODELS[name]
+    model = randomized(build())
+    before = snapshot(model)
+    input = data(size).requires_grad_()
+    expected = model(input)
+    for composite in (EpsilonPlusFlat(canonizers=[GraphCanonizer(attention='attnlrp')]), None):
+        composite = composite or conservation_composite([GraphCanonizer(attention='attnlrp')])
+        with Gradient(model, composite) as attributor:
+            output, relevance = attributor(input, torch.eye(10, dtype=torch.float64)[[TARGET]])
+        assert relative_error(output, expected) <= 1e-12
+        assert torch.isfinite(relevance).all()
+    # relevance reaches the input through queries and keys too: not CP-LRP's
+    assert relative_error(relevance, _relevance(model, input, 'cp-lrp', conservation_composite(
+        [GraphCanonizer()]))) > 1e-3
+    assert_untouched(model, before)
+
+
+def _bilinear_reference(a, b, relevance, equation):
+    '''The uniform rule written out: every term ``a_i b_j`` of an output gets its share of the output's relevance,
+    and each factor half of it.'''
+    inputs, output = equation.split('->')
+    first, second = inputs.split(',')
+    letters = ''.join(dict.fromkeys(first + second))
+    terms = torch.einsum(f'{first},{second}->{letters}', a, b)
+    z = torch.einsum(equation, a, b)
+    share = terms * (relevance / z).reshape([z.shape[output.index(letter)] if letter in output else 1
+                                             for letter in letters])
+    return torch.einsum(f'{letters}->{first}', share) / 2, torch.einsum(f'{letters}->{second}', share) / 2
+
+
+@pytest.mark.parametrize('operation', ['mul', 'matmul', 'bmm', 'einsum'])
+def test_uniform_product_gives_each_factor_half_of_its_contributions(operation):
+    generator = torch.Generator().manual_seed(0)
+    shapes = {'mul': ((2, 3, 4), (2, 1, 4)), 'matmul': ((2, 3, 4), (4, 5)), 'bmm': ((2, 3, 4), (2, 4, 5)),
+              'einsum': ((2, 3, 4), (2, 4, 5))}[operation]
+    a, b = (torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True) for shape in shapes)
+    # a vanishing stabilizer: the rule itself, to rounding
+    product = UniformProduct(operation, 'bij,bjk->bik' if operation == 'einsum' else None, epsilon=1e-30)
+    output = product(a, b)
+    expected = {'mul': torch.mul, 'matmul': torch.matmul, 'bmm': torch.bmm, 'einsum': torch.matmul}[operation](a, b)
+    assert torch.equal(output, expected)
+    relevance = torch.randn(output.shape, generator=generator, dtype=torch.float64)
+    relevance_a, relevance_b = torch.autograd.grad(output, (a, b), relevance)
+    equation = 'bij,bjk->bik' if operation in ('bmm', 'einsum') else 'bij,jk->bik' if operation == 'matmul' else (
+        'bij,bzj->bij')
+    if operation == 'mul':
+        # the broadcast factor sums its shares over the dimension it was broadcast along
+        share = relevance / 2
+        reference = (share, share.sum(1, keepdim=True))
+    else:
+        reference = _bilinear_reference(a.detach(), b.detach(), relevance, equation)
+    assert relative_error(relevance_a, reference[0]) < 1e-12 and relative_error(relevance_b, reference[1]) < 1e-12
+    # conservative: the halves add up to the relevance of the product
+    assert abs((relevance_a.sum() + relevance_b.sum()) / relevance.sum() - 1) < 1e-12
+
+
+def test_softmax_rule_is_gradient_times_input_of_the_logits():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64)
+    logits[0, 0, 1] = float('-inf')
+    logits.requires_grad_()
+    weights = SoftmaxRule(dim=-1)(logits)
+    assert torch.equal(weights, logits.softmax(-1))
+    relevance = torch.randn(weights.shape, generator=generator, dtype=torch.float64) * weights.detach()
+    result, = torch.autograd.grad(weights, logits, relevance)
+    # AttnLRP's rule as LXT computes it: gradient times input, the output's gradient being relevance / output
+    reference_input = logits.detach().clone().requires_grad_()
+    reference_output = reference_input.softmax(-1)
+    gradient, = torch.autograd.grad(reference_output, reference_input,
+                                    (relevance / reference_output.detach()).nan_to_num(0.0))
+    finite = logits.detach().masked_fill(torch.isinf(logits.detach()), 0.0)
+    assert relative_error(result, finite * gradient) < 1e-12
+    # a masked logit gets nothing
+    assert result[0, 0, 1] == 0 and torch.isfinite(result).all()

@@ -121,7 +121,10 @@ def probe(loaded: LoadedModel, layer: str, data: torch.Tensor, family: type) -> 
     if not isinstance(output, torch.Tensor) or output.dim() < 2:
         raise UsageError(f'layer {layer!r} gives no [batch, channels, ...] tensor, so it has no concepts to '
                          'condition on')
-    return int(output.shape[1]), int(logits.shape[1])
+    from ..crp.concepts import token_major
+
+    # the features of token-major layers (transformers: [batch, tokens, features]) are on the last dimension
+    return int(output.shape[-1] if token_major(module, output) else output.shape[1]), int(logits.shape[1])
 
 
 def check_condition_layer(loaded: LoadedModel, layer: str) -> None:

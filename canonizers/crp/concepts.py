@@ -5,14 +5,22 @@ Transformers hold their signal as ``[batch, tokens, features]`` (ViT, DeiT, the 
 ``[batch, height, width, features]`` (Swin, ConvNeXt's MLP): there dimension 1 is the tokens, and a condition on
 ``ChannelConcept`` would select tokens, not features. :py:class:`FeatureConcept` takes the last dimension instead.
 
-Attention heads are concepts as well: the attention weighting the graph canonizer adds to every attention
-(``<block>.canonizer_weighting``, a :py:class:`~canonizers.core.attention.ConstantWeighting`) outputs
-``[batch, heads, tokens, head_dim]``, each head's output apart, so ``ChannelConcept`` on it takes heads.
+Attention heads are concepts as well: the weighting of the values the graph canonizer adds to every attention
+(``<block>.canonizer_attention.weighting``, or ``<block>.canonizer_weighting`` and ``<block>.canonizer_product`` in
+explicit attention) outputs ``[batch, heads, tokens, head_dim]``, each head's output apart, so ``ChannelConcept`` on
+it takes heads.
+
+:func:`concept_for` picks the concept of a layer from what it computes.
 '''
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import torch
 from crp.concepts import ChannelConcept
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+#: layers whose features are on the last dimension of their output, whatever its rank
+_LAST_DIMENSION = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.GELU)
 
 
 def _features_first(tensor: torch.Tensor) -> torch.Tensor:
@@ -57,3 +65,29 @@ class FeatureConcept(ChannelConcept):
     def reference_sampling(self, relevance: torch.Tensor, layer_name: str = None, max_target: str = 'sum',
                            abs_norm: bool = True):
         return super().reference_sampling(_features_first(relevance), layer_name, max_target, abs_norm)
+
+
+def token_major(module: torch.nn.Module, output: torch.Tensor) -> bool:
+    '''Whether ``module`` (with this ``output``) holds its features on the last dimension: linear layers and
+    LayerNorms on more than ``[batch, features]``, and every other layer but convolutions and batch norms whose output
+    is ``[batch, tokens, features]`` (the blocks of a vision transformer; a CNN's activations are 4-D).'''
+    if output.dim() <= 2 or isinstance(module, (_ConvNd, _BatchNorm)):
+        return False
+    return isinstance(module, _LAST_DIMENSION) or output.dim() == 3
+
+
+def concept_for(model: torch.nn.Module, layer: str, data: torch.Tensor) -> Union[ChannelConcept, FeatureConcept]:
+    '''The concept of ``layer`` of ``model``: :py:class:`FeatureConcept` where it is token-major
+    (:func:`token_major`, from one forward pass of ``data`` without gradients), else CRP's ``ChannelConcept``.'''
+    module = model.get_submodule(layer)
+    outputs: List[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda module, input, output: outputs.append(output) if not outputs
+                                          else None)
+    try:
+        with torch.no_grad():
+            model(data)
+    finally:
+        handle.remove()
+    if outputs and isinstance(outputs[0], torch.Tensor) and token_major(module, outputs[0]):
+        return FeatureConcept()
+    return ChannelConcept()

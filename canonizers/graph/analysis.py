@@ -16,6 +16,8 @@ from ..core.tracing import is_size, modules_of
 from .modules import GlobalMeanPool, SumReduction
 
 _SUMS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
+#: differences of two paths, which are sums of the first and the negated second (not in place)
+_DIFFERENCES = {operator.sub, torch.sub, 'sub'}
 _CONCATENATIONS = {torch.cat, torch.concat, torch.stack}
 PRODUCTS = {operator.mul, operator.imul, torch.mul, 'mul', 'mul_'}
 _QUOTIENTS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, 'div', 'div_', 'true_divide'}
@@ -133,6 +135,8 @@ class Merge(NamedTuple):
     summed: bool
         Whether it is a stack that only :py:obj:`zennit.layer.Sum` modules read: the summands of a sum written for
         zennit (``Sum()(torch.stack([identity, out], dim=-1))``), whose rule stays the module's.
+    negated: tuple of int
+        The inputs that are subtracted (``a - b`` is the sum of ``a`` and ``-b``).
     '''
     node: torch.fx.Node
     kind: str
@@ -142,6 +146,7 @@ class Merge(NamedTuple):
     dim: int = 0
     stack: bool = False
     summed: bool = False
+    negated: Tuple[int, ...] = ()
 
 
 class Gate(NamedTuple):
@@ -264,6 +269,8 @@ class Analysis:
                 self._sum(node, chains)
             elif target in _CONCATENATIONS and node.op == 'call_function':
                 self._concatenation(node)
+            elif target in _DIFFERENCES and self._difference(node):
+                continue
             elif target in PRODUCTS:
                 self._product(node)
             elif target in _QUOTIENTS and len(self.signal_inputs(node)) == 1 and node in self.signals:
@@ -309,6 +316,15 @@ class Analysis:
                 summands.append(arg)
         chains[node] = (tuple(summands), tuple(absorbed))
         self.merges.append(Merge(node, 'sum', tuple(summands), tuple(absorbed), holder))
+
+    def _difference(self, node: torch.fx.Node) -> bool:
+        '''Record ``a - b`` of two paths as the sum of ``a`` and ``-b`` (PoolFormer's ``pool(x) - x``); False if it
+        is none.'''
+        inputs = self.signal_inputs(node)
+        if len(inputs) != 2 or node.kwargs or len(node.args) != 2 or tuple(node.args) != tuple(inputs):
+            return False
+        self.merges.append(Merge(node, 'sum', tuple(inputs), (), self.holder(node), negated=(1,)))
+        return True
 
     def _concatenation(self, node: torch.fx.Node) -> None:
         tensors = node.args[0] if node.args else node.kwargs.get('tensors')

@@ -5,7 +5,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from zennit.canonizers import Canonizer
 
-from ..core.attention import SlicedLinear
+from ..core.attention import AttentionProjections
 from ..core.compat import RULES_ASSIGN_PARAMETERS, RestoreSwappedParameters
 from ..core.cuts import CutLike, ParsedCut, PerSampleCut, ResolvedCut, parse_cut, public_cut
 from ..core.lifecycle import REWRITTEN, remove_all, require_eval, rewritten_forward
@@ -17,8 +17,9 @@ from .cutting import Branches
 from .modules import ElementwiseActivation, call_copy
 from .transformer import build_norm
 
-#: the treatments of attention: ``"cp-lrp"``, attention weights constant (Ali et al., ICML 2022)
-ATTENTION_RULES = ('cp-lrp',)
+#: the treatments of attention: ``"cp-lrp"``, attention weights constant (Ali et al., ICML 2022); ``"attnlrp"``, the
+#: softmax and uniform rules of AttnLRP (Achtibat et al., ICML 2024)
+ATTENTION_RULES = ('cp-lrp', 'attnlrp')
 
 
 class GraphCanonizer(Canonizer):
@@ -62,7 +63,12 @@ class GraphCanonizer(Canonizer):
         one module computes several; its branches are its inputs ``"0"``, ``"1"``, ... and, where they are told apart,
         ``"skip"`` and ``"residual"``, as the family canonizers name them (see :py:mod:`canonizers.graph.cutting`).
     attention: str
-        The treatment of attention: ``"cp-lrp"`` (attention weights constant; the only one implemented).
+        The treatment of attention: ``"cp-lrp"`` (attention weights constant, relevance flows through the values
+        alone; conservative) or ``"attnlrp"`` (AttnLRP: relevance also flows into queries and keys, by the uniform
+        rule on ``q @ k^T`` and ``weights @ values`` and the softmax rule, which absorbs relevance as a bias does, so
+        that relevance is not conserved through attention by design; see :py:mod:`canonizers.core.products`).
+        Either way, products of two signals that are no gate (gMLP's gating, GLU-style gates, ``x1 * x2`` of
+        StarNet) get the uniform rule: each factor takes half of the product's relevance.
 
     Raises
     ------
@@ -71,9 +77,7 @@ class GraphCanonizer(Canonizer):
     '''
     def __init__(self, cut: CutLike = None, attention: str = 'cp-lrp') -> None:
         if attention not in ATTENTION_RULES:
-            raise ValueError(f'attention={attention!r}: must be one of {", ".join(map(repr, ATTENTION_RULES))}'
-                             + (' (AttnLRP\'s softmax and uniform rules are not implemented in this version)'
-                                if attention == 'attnlrp' else ''))
+            raise ValueError(f'attention={attention!r}: must be one of {", ".join(map(repr, ATTENTION_RULES))}')
         self.attention = attention
         self._cut: ParsedCut = parse_cut(cut)
         self._instances: List[GraphCanonizer] = []
@@ -128,7 +132,7 @@ class GraphCanonizer(Canonizer):
             raise RuntimeError(f'{rewritten[0]!r} of {type(root_module).__name__} already has a rewritten forward (is '
                                'another canonizer still registered on this model? nested composite contexts are not '
                                'supported): remove it first')
-        compiled = compiled_for(root_module)
+        compiled = compiled_for(root_module, self.attention)
         cut = compiled.catalog.resolve(self._cut)
         modules = dict(root_module.named_modules())
         for name in compiled.merged:
@@ -152,11 +156,11 @@ class GraphCanonizer(Canonizer):
     def layer_cuts(self, root_module: torch.nn.Module, layers: Iterable[str]) -> Dict[str, Branches]:
         '''The cut that makes all relevance reaching the input pass through every one of ``layers``, as
         :py:meth:`canonizers.core.family.FamilyCanonizer.layer_cuts` (see :py:func:`graph_cuts_for`).'''
-        return compiled_for(root_module).table.layer_cuts(list(layers))
+        return compiled_for(root_module, self.attention).table.layer_cuts(list(layers))
 
     def blocks(self, root_module: torch.nn.Module) -> Dict[str, Tuple[str, ...]]:
         '''The names that cuts of ``root_module`` may use, and the branches of each.'''
-        return dict(compiled_for(root_module).catalog.blocks)
+        return dict(compiled_for(root_module, self.attention).catalog.blocks)
 
     @staticmethod
     def _warn(root_module: torch.nn.Module, compiled: Compiled) -> None:
@@ -192,8 +196,9 @@ class GraphCanonizer(Canonizer):
                     module = call_copy(modules[slot.source])
                 elif slot.kind == 'norm':
                     module = build_norm(slot.spec, root_module).train(root_module.training)
-                elif slot.kind == 'value':
-                    module = SlicedLinear.value_of(modules[slot.source]).train(root_module.training)
+                elif slot.kind == 'projections':
+                    module = AttentionProjections(modules[slot.source], self.attention == 'attnlrp').train(
+                        root_module.training)
                 else:
                     module = thresholds[slot.source] if slot.kind == 'threshold' else slot.build()
                     module.train(root_module.training)
@@ -250,7 +255,7 @@ class GraphCanonizer(Canonizer):
 
 
 def graph_cuts_for(model: torch.nn.Module, conditions: Sequence[Mapping[str, object]],
-                   output: str = 'y') -> List[Dict[str, Branches]]:
+                   output: str = 'y', attention: str = 'cp-lrp') -> List[Dict[str, Branches]]:
     '''For each CRP condition, the cut of :py:class:`GraphCanonizer` that makes all relevance reaching the input pass
     through every conditioned layer: every input of a merge after a conditioned layer that does not depend on it.
 
@@ -262,6 +267,9 @@ def graph_cuts_for(model: torch.nn.Module, conditions: Sequence[Mapping[str, obj
         CRP conditions, layer names to concepts; the key ``output`` names the model output and is left out.
     output: str
         The name of the model output in the conditions.
+    attention: str
+        The treatment of attention of the canonizer the cuts are for (under AttnLRP relevance also flows through
+        queries and keys).
 
     Returns
     -------
@@ -276,5 +284,5 @@ def graph_cuts_for(model: torch.nn.Module, conditions: Sequence[Mapping[str, obj
         canonized or computes a constant gate, relevance can go around a layer through an operation that cannot be
         cut, or two layers of one condition lie in parallel paths.
     '''
-    table = compiled_for(model).table
+    table = compiled_for(model, attention).table
     return [table.layer_cuts([name for name in condition if name != output]) for condition in conditions]

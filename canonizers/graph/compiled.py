@@ -1,6 +1,6 @@
 '''Everything the graph canonizer derives from a model's structure, computed once per model and cached.'''
 import weakref
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.fx
@@ -12,7 +12,7 @@ from .analysis import Analysis
 from .batchnorms import BatchNormPlan
 from .conservation import Operation, find, relevance_path
 from .cutting import CutTable
-from .modules import elementwise_activation
+from .modules import elementwise_activation, leaf_activation
 from .program import Program
 from .tracer import TraceFailure, trace
 from .transformer import Transformer, learned_constants
@@ -30,13 +30,15 @@ class Compiled:
     ----------
     model: :py:obj:`torch.nn.Module`
         The model (in its uncanonized state); it is traced, not changed.
+    attention: str
+        The treatment of attention (:py:data:`canonizers.graph.canonizer.ATTENTION_RULES`).
 
     Raises
     ------
     ValueError
         If ``torch.fx`` cannot trace the model; the message quotes the tracing error.
     '''
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, attention: str = 'cp-lrp') -> None:
         try:
             graph, self.constants, opaque = trace(model)
         except TraceFailure as failure:
@@ -49,17 +51,24 @@ class Compiled:
                       and not isinstance(analysis.module(node), (_BatchNorm, _ConvNd))]
         self.batch_norms = BatchNormPlan(analysis)
         #: normalizations, attention and constant shifts that become modules with rules
-        transformer = Transformer(analysis, set(self.batch_norms.unmerged))
-        # products that attention weights enter are linear maps now, and those computing the weights (q @ k^T)
-        # carry no relevance: neither is a parallel path
+        transformer = Transformer(analysis, set(self.batch_norms.unmerged), attention)
+        # under CP-LRP, products that attention weights enter are linear maps now, and those computing the weights
+        # (q @ k^T) carry no relevance: neither is a parallel path
         path = relevance_path(analysis, transformer)
         on_path = set(path)
+        transformer.products = {node: product for node, product in transformer.products.items() if node in on_path}
         analysis.unsupported = [entry for entry in analysis.unsupported
                                 if entry[0] not in transformer.weightings and entry[0] in on_path]
+        # products get the uniform rule, which sends relevance into both factors: for cuts they stay operations of
+        # two paths that cannot be cut
+        merges = [entry for entry in analysis.unsupported if entry[0] not in transformer.products]
         #: the activations of batch norms called whole (timm's BatchNormAct2d) that zennit does not know, to be
         #: declared activations while canonized
         self.activations = [f'{node.target}.act' for node in analysis.nodes if isinstance(
             analysis.module(node), _BatchNorm) and elementwise_activation(getattr(analysis.module(node), 'act', None))]
+        # and timm's activations the tracer keeps whole
+        self.activations += sorted({str(node.target) for node in analysis.nodes
+                                    if node.op == 'call_module' and leaf_activation(analysis.module(node))})
         #: the batch norms that cannot be merged and become affine layers of their own
         self.frozen = sorted({spec.module for spec in transformer.norms.values() if spec.kind == 'batch'})
         #: the parameters and buffers that join the signal as constants (position embeddings, class tokens)
@@ -84,7 +93,7 @@ class Compiled:
         self.operations: List[Operation] = find(analysis, self.merged, self.batch_norms.unmerged, self.whole,
                                                 transformer, path)
         self.program = Program(analysis, self.batch_norms, hooked, transformer)
-        self.unsupported = [(analysis.holder(node), reason) for node, reason, _ in analysis.unsupported]
+        self.unsupported = [(analysis.holder(node), reason) for node, reason, _ in merges]
         # keep names only: the cache must not keep the model alive
         analysis.release()
 
@@ -105,20 +114,26 @@ class Compiled:
         return hooked
 
 
-_CACHE: 'weakref.WeakKeyDictionary[torch.nn.Module, Tuple[Any, Compiled]]' = weakref.WeakKeyDictionary()
+_CACHE: 'weakref.WeakKeyDictionary[torch.nn.Module, Tuple[Any, Dict[str, Compiled]]]' = weakref.WeakKeyDictionary()
 
 
-def compiled_for(model: torch.nn.Module) -> Compiled:
-    '''The :py:class:`Compiled` of ``model``, computed once per model (again when its modules change).'''
+def compiled_for(model: torch.nn.Module, attention: str = 'cp-lrp') -> Compiled:
+    '''The :py:class:`Compiled` of ``model`` under the treatment of attention ``attention``, computed once per model
+    (again when its modules change).'''
     cached = _CACHE.get(model)
     if cached is not None and model in REWRITTEN:
         # canonized by a graph canonizer (which claims the model itself): its modules are not the model's own now
-        return cached[1]
+        if attention not in cached[1]:
+            raise RuntimeError(f'{type(model).__name__} is canonized by a GraphCanonizer with attention='
+                               f'{next(iter(cached[1]))!r}: remove it before asking for attention={attention!r}')
+        return cached[1][attention]
     key = tuple((id(module), type(module)) for module in model.modules())
     if cached is None or cached[0] != key:
-        cached = (key, Compiled(model))
+        cached = (key, {})
         _CACHE[model] = cached
-    return cached[1]
+    if attention not in cached[1]:
+        cached[1][attention] = Compiled(model, attention)
+    return cached[1][attention]
 
 
 def clear_cache(model: torch.nn.Module) -> None:

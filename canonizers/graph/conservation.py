@@ -270,7 +270,8 @@ def _module(analysis: Analysis, node: torch.fx.Node, merged: Set[str], unmerged:
         return Operation(name, unmerged.get(name, 'not merged'), 'batch norm', module=True)
     if isinstance(module, _ATTENTIONS):
         return Operation(name, kind, 'attention', module=True)
-    if isinstance(module, (Sum, Linear, Activation, AvgPool) + _CONSERVING_MODULES):
+    if isinstance(module, (Sum, Linear, Activation, AvgPool) + _CONSERVING_MODULES) or elementwise_activation(module):
+        # timm's activations the tracer keeps whole are declared activations while canonized
         return None
     if isinstance(module, _NORMALIZATIONS):
         return Operation(name, kind, 'normalization', module=True)

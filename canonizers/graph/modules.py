@@ -210,9 +210,20 @@ TIMM_ACTIVATIONS = frozenset({'GELU', 'GELUTanh', 'QuickGELU', 'Swish', 'Mish', 
                               'HardSigmoid', 'HardMish'})
 
 
+#: timm's elementwise activations defined with a model, which the tracer keeps whole (their forward, written out,
+#: has products and powers without rules): module and class name
+LEAF_ACTIVATIONS = frozenset({('timm.models.metaformer', 'StarReLU')})
+
+
+def leaf_activation(module: torch.nn.Module) -> bool:
+    '''Whether ``module`` is one of :py:data:`LEAF_ACTIVATIONS`.'''
+    return (type(module).__module__, type(module).__name__) in LEAF_ACTIVATIONS
+
+
 def elementwise_activation(module: torch.nn.Module) -> bool:
     '''Whether ``module`` is one of timm's elementwise activations, which zennit does not know as activations.'''
-    return type(module).__module__.startswith('timm.layers.activations') and type(module).__name__ in TIMM_ACTIVATIONS
+    return (type(module).__module__.startswith('timm.layers.activations') and type(module).__name__ in
+            TIMM_ACTIVATIONS) or leaf_activation(module)
 
 
 class ElementwiseActivation(torch.nn.Module, Activation):

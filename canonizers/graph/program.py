@@ -9,14 +9,16 @@ import torch.fx
 from zennit.types import Activation
 
 from ..core.attention import (
+    ATTENTIONS,
     ConstantShift,
     ConstantWeighting,
-    constant_attention,
     multi_head_attention,
+    scaled_dot_product_attention,
     window_attention,
 )
 from ..core.gates import ConstantGate
 from ..core.masked_sum import MaskedSum
+from ..core.products import SoftmaxRule, UniformProduct
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
 from .modules import MaskedConcatenation, Scale, call_forward_hooks, call_unhooked, stack_summands
@@ -36,8 +38,8 @@ class Slot(NamedTuple):
         ``"sum"``, ``"concatenation"``, ``"gate"``, ``"module"`` (a copy of ``prototype``), ``"threshold"`` (the
         threshold ReLU of the pre-activation batch norm ``source``), ``"call"`` (the module ``source`` again, for
         one more place the forward calls it: :py:func:`~canonizers.graph.modules.call_copy`), ``"norm"`` (the
-        normalization ``spec`` with its factor constant) or ``"value"`` (the value projection of the attention
-        module ``source``).
+        normalization ``spec`` with its factor constant) or ``"projections"`` (the input projections of the
+        attention module ``source``).
     merge: int
         The number of the merge whose mask it holds (sums and concatenations), else -1.
     prototype: :py:obj:`torch.nn.Module`, optional
@@ -172,14 +174,23 @@ class Program:
                 self.scope[new] = self.scope[node]
             self._replace(node, new)
         for node, kind in transformer.attentions.items():
-            weighting = self._slot(holder(node), 'canonizer_weighting', 'module', prototype=ConstantWeighting())
+            attention = self._slot(holder(node), 'canonizer_attention', 'module',
+                                   prototype=ATTENTIONS[transformer.attention]())
             if kind == 'module':
-                value = self._slot(holder(node), 'canonizer_value', 'value', source=str(node.target))
-                self._function(node, multi_head_attention, (str(node.target), value.path, weighting.path))
+                projections = self._slot(holder(node), 'canonizer_projections', 'projections',
+                                         source=str(node.target))
+                self._function(node, multi_head_attention, (str(node.target), projections.path, attention.path))
             elif kind == 'sdpa':
-                self._function(node, constant_attention, (weighting.path,))
+                self._function(node, scaled_dot_product_attention, (attention.path,))
             else:
-                self._function(node, window_attention, (holder(node), weighting.path))
+                self._function(node, window_attention, (holder(node), attention.path))
+        for node, (operation, equation, first, second) in transformer.products.items():
+            slot = self._slot(holder(node), 'canonizer_product', 'module',
+                              prototype=UniformProduct(operation, equation))
+            self._replace(node, self._call(node, slot, (self._node(first), self._node(second))))
+        for node, (dim, dtype) in transformer.softmaxes.items():
+            slot = self._slot(holder(node), 'canonizer_softmax', 'module', prototype=SoftmaxRule(dim, dtype))
+            self._replace(node, self._call(node, slot, (self._node(node.args[0]),)))
         for node, (values, weights, left, equation) in transformer.weightings.items():
             slot = self._slot(holder(node), 'canonizer_weighting', 'module',
                               prototype=ConstantWeighting(left, equation))
@@ -224,6 +235,12 @@ class Program:
     def _merges(self) -> None:
         for number, merge in enumerate(self.analysis.merges):
             inputs = tuple(self._node(input) for input in merge.inputs)
+            for index in merge.negated:
+                # relevance passes a negation unchanged (the z-rule of the map -1)
+                negation = self._slot(merge.holder, 'canonizer_negation', 'module', prototype=Scale())
+                inputs = inputs[:index] + (self._call(merge.node, negation, (inputs[index],), {'factor': -1}),) + (
+                    inputs[index + 1:])
+                self.scope[inputs[index]] = self.scope[merge.node]
             if merge.kind == 'sum':
                 slot = self._slot(merge.holder, 'canonizer_sum', 'sum', merge=number)
                 with self.graph.inserting_before(merge.node):

@@ -12,6 +12,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from zennit.layer import Sum
 
+from .modules import leaf_activation
+
 #: what every module holds in its ``__dict__`` (registries, hooks), restored otherwise
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 #: the hook registries of a module that would run (on proxies) while tracing through its forward
@@ -42,7 +44,9 @@ class LeafTracer(torch.fx.Tracer):
     '''Tracer that keeps as leaves (single ``call_module`` nodes) what zennit and the batch-norm merges need whole:
     torch's own layers, and every convolution, linear layer and batch norm (also subclasses with their own forward, such
     as timm's ``Conv2dSame`` or ``BatchNormAct2d``, whose padding or activation belongs to them), and zennit's own
-    :py:obj:`zennit.layer.Sum` modules of models written for zennit, to which composites attach their sum rule.
+    :py:obj:`zennit.layer.Sum` modules of models written for zennit, to which composites attach their sum rule, and
+    timm's elementwise activations that zennit's activation rule must reach whole
+    (:py:data:`.modules.LEAF_ACTIVATIONS`).
 
     Parameters
     ----------
@@ -56,7 +60,8 @@ class LeafTracer(torch.fx.Tracer):
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
-        if isinstance(module, (_ConvNd, _BatchNorm, torch.nn.Linear, Sum) + self.extra_leaves):
+        if isinstance(module, (_ConvNd, _BatchNorm, torch.nn.Linear, Sum) + self.extra_leaves) or leaf_activation(
+                module):
             return True
         return super().is_leaf_module(module, qualified_name)
 

@@ -33,6 +33,9 @@ MATMULS = {operator.matmul, torch.matmul, 'matmul', torch.bmm, 'bmm', torch.eins
 _ADDITIONS = {operator.add, torch.add, 'add'}
 #: torchvision's window attention, which torch.fx keeps as a leaf
 WINDOW_ATTENTION = 'torchvision.models.swin_transformer.shifted_window_attention'
+#: the products of two signals that get the uniform rule, by target
+_PRODUCT_OPERATIONS = {operator.mul: 'mul', torch.mul: 'mul', 'mul': 'mul', operator.matmul: 'matmul',
+                       torch.matmul: 'matmul', 'matmul': 'matmul', torch.bmm: 'bmm', 'bmm': 'bmm'}
 _RMS_NORM = getattr(torch.nn, 'RMSNorm', ())
 _BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
@@ -153,8 +156,17 @@ class Transformer:
         Inputs of these nodes that carry no relevance (attention weights, queries and keys).
     refused: dict of :py:obj:`torch.fx.Node` to str
         Attention modules left as they are, and why.
+    products: dict of :py:obj:`torch.fx.Node` to (str, str, :py:obj:`torch.fx.Node`, :py:obj:`torch.fx.Node`)
+        Products of two signals that are no gate, to get the uniform rule: the operation (one of
+        :py:data:`canonizers.core.products.OPERATIONS`), the ``einsum`` equation or None, and the two factors. Under
+        AttnLRP these include the products of explicit attention (``q @ k^T``, ``weights @ values``).
+    softmaxes: dict of :py:obj:`torch.fx.Node` to (int, dtype or None)
+        Under AttnLRP, the softmaxes on the signal, to get the softmax rule: dimension and dtype.
     '''
-    def __init__(self, analysis, unmerged: Set[str]) -> None:
+    def __init__(self, analysis, unmerged: Set[str], attention: str = 'cp-lrp') -> None:
+        self.attention = attention
+        self.products: Dict[torch.fx.Node, tuple] = {}
+        self.softmaxes: Dict[torch.fx.Node, tuple] = {}
         self.norms: Dict[torch.fx.Node, NormSpec] = {}
         self.attentions: Dict[torch.fx.Node, str] = {}
         self.weightings: Dict[torch.fx.Node, tuple] = {}
@@ -162,6 +174,7 @@ class Transformer:
         self.constant_inputs: Dict[torch.fx.Node, Set[torch.fx.Node]] = {}
         self.refused: Dict[torch.fx.Node, str] = {}
         softmaxes = [node for node in analysis.nodes if node in analysis.signals and self._softmax(analysis, node)]
+        softmax_set = set(softmaxes)
         for node in analysis.nodes:
             if node not in analysis.signals:
                 continue
@@ -170,17 +183,22 @@ class Transformer:
                 self._module(analysis, node, module, unmerged)
             elif node.op == 'call_function' and node.target is F.scaled_dot_product_attention:
                 self.attentions[node] = 'sdpa'
-                self.constant_inputs[node] = set(node.all_input_nodes) - {_argument(node, 2, 'value')}
+                if attention == 'cp-lrp':
+                    self.constant_inputs[node] = set(node.all_input_nodes) - {_argument(node, 2, 'value')}
             elif node.op == 'call_function' and _qualified(node.target) == WINDOW_ATTENTION:
                 self.attentions[node] = 'window'
             elif node.op in ('call_function', 'call_method'):
                 spec = _function_norm(node) if node.op == 'call_function' else None
                 if spec is not None:
                     self.norms[node] = spec
-                elif node.target in MATMULS:
+                elif node.target in MATMULS and attention == 'cp-lrp':
                     self._weighting(analysis, node, softmaxes)
                 elif node.target in _ADDITIONS:
                     self._shift(analysis, node)
+            if node not in self.weightings:
+                self._product(analysis, node)
+            if attention == 'attnlrp' and node in softmax_set:
+                self._softmax_rule(analysis, node)
 
     @staticmethod
     def _softmax(analysis, node: torch.fx.Node) -> bool:
@@ -195,8 +213,8 @@ class Transformer:
                 self.refused[node] = reason
                 return
             self.attentions[node] = 'module'
-            value = _argument(node, 2, 'value')
-            self.constant_inputs[node] = set(node.all_input_nodes) - {value}
+            if self.attention == 'cp-lrp':
+                self.constant_inputs[node] = set(node.all_input_nodes) - {_argument(node, 2, 'value')}
             return
         spec = _module_norm(str(node.target), module, unmerged)
         if spec is not None:
@@ -217,6 +235,34 @@ class Transformer:
                 self.constant_inputs[node] = {weights}
                 return
 
+    def _product(self, analysis, node: torch.fx.Node) -> None:
+        '''Record a product of two distinct signals that is no gate and no swish, with its operation.'''
+        if node.op not in ('call_function', 'call_method') or node.kwargs or node in analysis.swishes or any(
+                gate.node is node for gate in analysis.gates):
+            return
+        args, equation = node.args, None
+        if node.target is torch.einsum and len(args) == 3 and isinstance(args[0], str):
+            equation, args = args[0], args[1:]
+            operation = 'einsum'
+        else:
+            operation = _PRODUCT_OPERATIONS.get(node.target)
+        if operation is None or len(args) != 2 or not all(isinstance(arg, torch.fx.Node) for arg in args) or (
+                args[0] is args[1]) or not all(arg in analysis.signals for arg in args):
+            return
+        self.products[node] = (operation, equation, args[0], args[1])
+
+    def _softmax_rule(self, analysis, node: torch.fx.Node) -> None:
+        module = analysis.module(node)
+        if module is not None:
+            dim, dtype = module.dim, None
+        else:
+            dim, dtype = _argument(node, 1, 'dim'), node.kwargs.get('dtype')
+            if len(node.args) > 3 and node.target is F.softmax:
+                dtype = node.args[3]
+        if isinstance(dim, int) and (dtype is None or isinstance(dtype, torch.dtype)) and len(
+                analysis.signal_inputs(node)) == 1:
+            self.softmaxes[node] = (dim, dtype)
+
     def _shift(self, analysis, node: torch.fx.Node) -> None:
         if len(node.args) != 2 or node.kwargs or not all(isinstance(arg, torch.fx.Node) for arg in node.args):
             return
@@ -230,7 +276,8 @@ class Transformer:
 
     def handled(self) -> Set[torch.fx.Node]:
         '''The nodes that become modules with rules.'''
-        return set(self.norms) | set(self.attentions) | set(self.weightings) | set(self.shifts)
+        return set(self.norms) | set(self.attentions) | set(self.weightings) | set(self.shifts) | set(
+            self.products) | set(self.softmaxes)
 
 
 def _qualified(target: object) -> str:
