@@ -30,7 +30,8 @@ KINDS: Dict[str, str] = {
     'normalization': 'normalizations (LayerNorm, GroupNorm, ...), which zennit has no rule for',
     'softmax': 'softmaxes, which zennit has no rule for',
     'attention': 'attention, which zennit has no rule for',
-    'product': 'products of two signals that are no gate, which zennit has no rule for',
+    'product': 'products the uniform rule does not reach (matrix products with a weight, in-place products), which '
+               'zennit has no rule for',
     'merge': 'operations on several paths that no rule applies to and that cannot be cut',
     'recurrent': 'recurrent layers, which zennit has no rule for',
     'whole': 'modules kept whole (torch.fx cannot trace through them), whose inside has no rules',
