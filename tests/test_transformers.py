@@ -1,6 +1,7 @@
 '''Transformers, attention hybrids and normalizations under the graph canonizer, against oracles: conservation of
 relevance (bias-free, float64, epsilon-only composite), the forward in float64, LXT 2.1's CP-LRP on torchvision's
 vit_b_16 (in a process of its own), CRP's exclude_parallel=True with features on the last dimension, and removal.'''
+import hashlib
 import os
 import pathlib
 import subprocess
@@ -174,11 +175,20 @@ def lxt_references(tmp_path_factory):
     '''LXT's input relevance on :func:`lxt_vit.build`'s vit_b_16, per treatment of attention, each computed in a
     process of its own (LXT patches torchvision's classes).'''
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([_lxt_path() or '', str(HERE.parent)]))
+    # LXT's output depends on LXT, torch and the script, not on the zennit version under test: the three suites of
+    # make test share one computation, kept beside LXT under a key of all three
+    key = hashlib.sha256((HERE / 'lxt_vit.py').read_bytes() + torch.__version__.encode() + (
+        pathlib.Path(_lxt_path() or '.') / 'lxt' / 'efficient' / 'rules.py').read_bytes()).hexdigest()[:16]
+    cache = pathlib.Path(_lxt_path() or str(tmp_path_factory.mktemp('lxt'))) / 'references'
     references = {}
     for rules in ('cp-lrp', 'attnlrp'):
-        out = tmp_path_factory.mktemp('lxt') / f'{rules}.pt'
-        subprocess.run([sys.executable, str(HERE / 'lxt_vit.py'), str(out), rules], check=True, env=environment,
-                       timeout=600)
+        out = cache / f'{key}-{rules}.pt'
+        if not out.exists():
+            cache.mkdir(exist_ok=True)
+            partial = out.with_suffix(f'.{os.getpid()}.partial')
+            subprocess.run([sys.executable, str(HERE / 'lxt_vit.py'), str(partial), rules], check=True,
+                           env=environment, timeout=600)
+            partial.replace(out)
         references[rules] = torch.load(out)
     return references
 
