@@ -36,11 +36,11 @@ def test_check_a_conserving_model_exits_0():
 
 
 def test_check_a_model_that_does_not_conserve_exits_1_and_names_the_operations():
-    # its RMSNorm is written out (var, rsqrt): no rule for it
-    status, stdout, _ = run('check', 'timm:convnext_zepto_rms', '--size', '32')
+    # its MobileViT blocks are not traceable (timm marks them so): kept whole, with no rules inside
+    status, stdout, _ = run('check', 'timm:mobilevit_xxs', '--size', '32')
     assert status == 1
-    assert "function (30 places): var in 'stem.1', rsqrt in 'stem.1'" in stdout
-    assert 'verdict: exact, relevance not conserved at 30 places of function' in stdout
+    assert "whole (3 places): 'stages.2.1' (MobileVitBlock), 'stages.3.1' (MobileVitBlock)" in stdout
+    assert 'verdict: exact, relevance not conserved at 3 places of whole' in stdout
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -56,18 +56,18 @@ def test_check_usage_errors_are_one_line_with_status_2(argv, message):
 
 def test_explain_prints_the_verdict_above_its_table_where_a_model_is_not_supported(tmp_path):
     torch.manual_seed(0)
-    model = randomize_batch_norms(timm.create_model('convnext_zepto_rms', pretrained=False, num_classes=10))
-    weights = tmp_path / 'convnext.pt'
+    model = randomize_batch_norms(timm.create_model('mobilevit_xxs', pretrained=False, num_classes=10))
+    weights = tmp_path / 'mobilevit.pt'
     torch.save(model.state_dict(), weights)
     image = tmp_path / 'noise.png'
     Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(
         image)
-    status, stdout, stderr = run('explain', '--model', 'timm:convnext_zepto_rms', '--weights', weights, '--image',
-                                 image, '--layer', 'stages.1.blocks.0.conv_dw', '--top', '1', '--size', '32',
+    status, stdout, stderr = run('explain', '--model', 'timm:mobilevit_xxs', '--weights', weights, '--image',
+                                 image, '--layer', 'stages.1.1.conv2_kxk.conv', '--top', '1', '--size', '32',
                                  '--out', tmp_path / 'out')
     assert status == 0, stderr
     warning = next(line for line in stdout.splitlines() if line.startswith('warning: '))
-    assert warning.startswith('warning: exact, relevance not conserved at 30 places of function')
+    assert warning.startswith('warning: exact, relevance not conserved at 3 places of whole')
     assert stdout.index(warning) < stdout.index('concept')
 
 

@@ -152,6 +152,91 @@ class Difference(torch.nn.Module):
         return torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False) - 2 * x
 
 
+class RmsNorm(torch.nn.Module):
+    '''An RMS norm written out over channels (timm's ``rms_norm2d``): ``x * rsqrt(mean(x^2) + eps) * weight``.'''
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(4) + .5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(torch.mean(x.pow(2), dim=1, keepdim=True) + 1e-5)
+        return x * self.weight.reshape(1, -1, 1, 1)
+
+
+class SimpleNorm(torch.nn.Module):
+    '''timm's ``simple_norm``, channels last: ``x * rsqrt(var(x) + eps)``; and a norm through ``x.norm()``.'''
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = x * torch.rsqrt(torch.var(x, dim=(-1,), keepdim=True) + 1e-5)
+        x = x * (1 / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        return x.permute(0, 3, 1, 2)
+
+
+#: norms written out as functions, each with its oracle: the same function with its normalizing factor detached
+WRITTEN_OUT_NORMS = {
+    RmsNorm: lambda module, x: x * torch.rsqrt(torch.mean(x.pow(2), dim=1, keepdim=True) + 1e-5).detach() * (
+        module.weight.reshape(1, -1, 1, 1)),
+    SimpleNorm: lambda module, x: SimpleNorm.detached(x),
+}
+
+
+def _simple_norm_detached(x: torch.Tensor) -> torch.Tensor:
+    x = x.permute(0, 2, 3, 1)
+    x = x * torch.rsqrt(torch.var(x, dim=(-1,), keepdim=True) + 1e-5).detach()
+    x = x * (1 / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)).detach()
+    return x.permute(0, 3, 1, 2)
+
+
+SimpleNorm.detached = staticmethod(_simple_norm_detached)
+
+
+@pytest.mark.parametrize('norm', list(WRITTEN_OUT_NORMS), ids=lambda norm: norm.__name__)
+def test_norms_written_out_hold_their_normalizing_factor_constant(norm):
+    '''A norm written out (timm's SimpleNorm2d and RmsNorm2d) is no product of two signals: its normalizing factor is
+    a gate, constant in the backward pass, as LayerNorm's standard deviation is; relevance is conserved, and equals
+    that of the same model with the factor detached by hand.'''
+    model = make(norm())
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', NotConservedWarning)
+        report = check(model, data())
+    assert report.status == 'supported' and report.operations == [], report
+    assert abs(report.conservation - 1) < 1e-9, report
+    # the oracle: the gradient (times the input) of the model with the factor detached, under a vanishing epsilon
+    model = bias_free(model)
+    oracle = copy.deepcopy(model)
+    oracle.block.layer.forward = lambda x: WRITTEN_OUT_NORMS[norm](oracle.block.layer, x)
+    input = data().requires_grad_()
+    target = oracle(input)[0, TARGET]
+    grad, = torch.autograd.grad(target, input)
+    with Gradient(model, conservation_composite([GraphCanonizer()])) as attributor:
+        output, relevance = attributor(input, torch.eye(10, dtype=torch.float64)[[TARGET]])
+    # the relevance of the output is 1
+    expected = grad * input / target
+    assert ((relevance - expected).abs().max() / expected.abs().max()).item() < 1e-9
+    # the oracle is sharp: the plain gradient of the norm is another
+    plain, = torch.autograd.grad(model(input)[0, TARGET], input)
+    assert ((plain * input / target - expected).abs().max() / expected.abs().max()).item() > 1e-3
+
+
+class ChannelMax(torch.nn.Module):
+    '''The maximum over channels, of ``amax`` and of ``max`` (Hiera's and VOLO's pooling of tokens).'''
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(1, keepdim=True).expand_as(x) + torch.max(x, dim=1, keepdim=True)[0] * 0.5
+
+
+@pytest.mark.parametrize('layer', [ChannelMax, lambda: timm.layers.pool2d_same.MaxPool2dSame(3, 1)],
+                         ids=['amax and max', 'MaxPool2dSame'])
+def test_maxima_conserve_and_are_not_reported(layer):
+    '''A maximum over a dimension and a max pool kept whole (timm's MaxPool2dSame, not traceable) move relevance to
+    the maximum whole: nothing is reported, and relevance is conserved.'''
+    model = make(layer())
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', NotConservedWarning)
+        report = check(model, data())
+    assert report.status == 'supported' and report.operations == [], report
+    assert abs(report.conservation - 1) < 1e-9, report
+
+
 def test_a_conserving_model_is_reported_so_and_not_warned_about():
     model = make(torch.nn.ReLU())
     with warnings.catch_warnings():

@@ -26,7 +26,7 @@ from zennit.composites import EpsilonPlusFlat
 
 from canonizers import GraphCanonizer, NotConservedWarning, check
 from canonizers.core.products import SoftmaxRule, UniformProduct
-from canonizers.crp import FeatureConcept, IsolatingCondAttribution, cuts_for
+from canonizers.crp import FeatureConcept, HeadConcept, IsolatingCondAttribution, cuts_for
 from canonizers.support import bias_free
 
 TARGET = 3
@@ -240,6 +240,60 @@ def test_feature_concepts_of_vit_are_isolated_as_crp_s_exclude_parallel(layers):
         cut_composite = EpsilonPlusFlat(canonizers=[GraphCanonizer(cut=cut)])
         result = crp(input, [condition], cut_composite, mask_map=mask_map, exclude_parallel=False)
         assert relative_error(result.heatmap[0], heatmap) < 1e-9
+
+
+@pytest.mark.parametrize('rules', ['cp-lrp', 'attnlrp'])
+def test_attention_heads_are_concepts_isolated_as_crp_s_exclude_parallel(rules):
+    '''Heads of timm's attention (``HeadConcept`` on ``attn.norm``, where the heads' outputs lie side by side): each
+    head's isolated heatmap equals CRP's exclude_parallel=True, and the heads' heatmaps add up to that of all heads
+    together. On the fused projection ``attn.qkv`` (three blocks of heads), CP-LRP gives a head the relevance of its
+    output, all of it in its values; AttnLRP gives its queries and keys a share.'''
+    model = randomized(timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=32, patch_size=8, depth=2,
+                                         embed_dim=32, num_heads=4))
+    output, qkv = 'blocks.1.attn.norm', 'blocks.1.attn.qkv'
+    input = data(32).requires_grad_()
+    composite = EpsilonPlusFlat(canonizers=[GraphCanonizer(attention=rules)])
+    crp = CondAttribution(model, no_param_grad=False)
+    # a vanishing epsilon: the weighting of the values then conserves each head's relevance exactly
+    recorded = crp(input, [{'y': [TARGET]}], conservation_composite([GraphCanonizer(attention=rules)]),
+                   record_layer=[output, qkv]).relevances
+    heads = HeadConcept(4).attribute(recorded[output], abs_norm=False)[0]
+    # the oracle of the head's relevance: the sums of its features, by hand
+    assert relative_error(heads, recorded[output][0].reshape(-1, 4, 8).sum((0, 2))) < 1e-12
+    values = recorded[qkv][0].reshape(-1, 3, 4, 8)
+    queries_and_keys = values[:, :2].abs().max().item()
+    if rules == 'cp-lrp':
+        assert relative_error(HeadConcept(4, chunks=3).attribute(recorded[qkv], abs_norm=False)[0], heads) < 1e-9
+        assert queries_and_keys == 0
+    else:
+        assert queries_and_keys > 1e-3 * values.abs().max().item()
+
+    mask_map = {output: HeadConcept(4).mask}
+    conditions = [{output: [head], 'y': [TARGET]} for head in range(4)] + [{output: [0, 1, 2, 3], 'y': [TARGET]}]
+    expected = crp(input, conditions, composite, mask_map=mask_map, exclude_parallel=True).heatmap
+    leaky = crp(input, conditions, composite, mask_map=mask_map, exclude_parallel=False).heatmap
+    isolated = IsolatingCondAttribution(model, no_param_grad=False)(input, conditions, composite, mask_map=mask_map)
+    assert relative_error(isolated.heatmap, expected) < 1e-9
+    assert relative_error(leaky, expected) > 1e-2
+    assert relative_error(expected[:4].sum(0), expected[4]) < 1e-9
+
+
+def test_head_concept_masks_and_counts_the_features_of_a_head():
+    concept = HeadConcept(2, chunks=3)
+    # [batch, tokens, 3 chunks x 2 heads x 2 features]
+    relevance = torch.arange(2 * 5 * 12, dtype=torch.float64).reshape(2, 5, 12)
+    head_one = [2, 3, 6, 7, 10, 11]
+    assert torch.equal(concept.attribute(relevance, abs_norm=False)[:, 1], relevance[..., head_one].sum((1, 2)))
+    masked = concept.mask(1, [1])(relevance.clone())
+    assert torch.equal(masked[0], relevance[0]) and masked[1].nonzero()[:, 1].unique().tolist() == head_one
+    assert len(concept.get_rf_indices((5, 12))) == 30
+    # one entry of head 1 (token 0, the first of its features in the second chunk): feature 6
+    neuron = concept.mask_rf(0, {1: [2]})(torch.ones(1, 5, 12))
+    assert neuron.nonzero().tolist() == [[0, 0, 6]]
+    with pytest.raises(ValueError, match=r'HeadConcept\(heads=2, chunks=3\): a layer output of shape \(1, 5, 8\)'):
+        concept.attribute(torch.ones(1, 5, 8))
+    with pytest.raises(ValueError, match='heads=0 must be a positive int'):
+        HeadConcept(0)
 
 
 def test_feature_concept_attributes_the_last_dimension():

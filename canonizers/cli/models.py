@@ -303,14 +303,16 @@ def _imagenet_categories(name: str, model: torch.nn.Module) -> Optional[Sequence
 
 def graph_canonizer(name: str, model: torch.nn.Module) -> type:
     ''':py:class:`~canonizers.GraphCanonizer` for a model no family canonizer fits, if torch.fx can trace it.'''
-    from ..core.tracing import TracingError, traced_merges
     from ..graph import GraphCanonizer
+    from ..graph.tracer import TraceFailure, trace
 
-    merges = traced_merges(model)
-    if isinstance(merges, TracingError):
+    # GraphCanonizer's own tracer, which keeps timm's no-trace modules whole where tracing through them fails
+    try:
+        trace(model)
+    except TraceFailure as failure:
         from ..registry import FAMILIES
 
         families = ', '.join(cls.__name__ for cls in FAMILIES.values())
-        raise UsageError(f'model {name!r} is not supported: {merges}, so GraphCanonizer cannot canonize it, and no '
-                         f'family canonizer ({families}) rewrites its blocks')
+        raise UsageError(f'model {name!r} is not supported: {failure}, so GraphCanonizer cannot canonize it, and no '
+                         f'family canonizer ({families}) rewrites its blocks') from None
     return GraphCanonizer

@@ -14,8 +14,8 @@ relevance reaching the input passes through each conditioned layer, in one ordin
 other than CRP, and as an independent check of the partial backward passes).
 
 The cut planner lives in :py:mod:`canonizers.crp.planning`, the attribution class in
-:py:mod:`canonizers.crp.attribution`, the concepts of token-major layers (features on the last dimension, for
-transformers) in :py:mod:`canonizers.crp.concepts`; import them from here.
+:py:mod:`canonizers.crp.attribution`, the concepts of token-major layers (features on the last dimension, and
+attention heads, for transformers) in :py:mod:`canonizers.crp.concepts`; import them from here.
 
 Needs ``zennit-crp`` (``pip install zennit-canonizers[crp]``); ``import canonizers`` works without it.
 
@@ -30,7 +30,7 @@ Examples
 >>> heatmaps = attribution(data, conditions, composite).heatmap  # [2, height, width], in condition order
 '''
 from .attribution import IsolatingCondAttribution
-from .concepts import FeatureConcept
+from .concepts import FeatureConcept, HeadConcept
 from .planning import MODEL_OUTPUT_NAME, cuts_for, layer_cut
 
-__all__ = ['FeatureConcept', 'IsolatingCondAttribution', 'cuts_for', 'layer_cut', 'MODEL_OUTPUT_NAME']
+__all__ = ['FeatureConcept', 'HeadConcept', 'IsolatingCondAttribution', 'cuts_for', 'layer_cut', 'MODEL_OUTPUT_NAME']

@@ -25,6 +25,11 @@ _IN_PLACE = {operator.iadd, 'add_', operator.imul, 'mul_', operator.itruediv, 'd
 _SIGMOIDS = {torch.sigmoid, F.sigmoid, 'sigmoid'}
 #: methods whose second argument gives only a shape or dtype, no signal
 _SHAPE_ONLY_SECOND = {'expand_as', 'view_as', 'reshape_as', 'type_as'}
+#: statistics of a signal that normalize it: the variance, standard deviation and norms (RMS norms are the mean of
+#: a square, see :py:meth:`Analysis.statistic`)
+_STATISTICS = {torch.var, 'var', torch.std, 'std', torch.norm, 'norm', torch.linalg.vector_norm, torch.linalg.norm}
+_MEANS = {torch.mean, 'mean', torch.sum, 'sum'}
+_SQUARES = {torch.square, 'square', torch.pow, 'pow', operator.pow}
 _ADAPTIVE_POOLS = (torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d,
                    torch.nn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d)
 
@@ -150,7 +155,9 @@ class Merge(NamedTuple):
 
 
 class Gate(NamedTuple):
-    '''A product ``signal * gate`` whose gate is computed through a global pooling that the signal does not pass.'''
+    '''A product ``signal * gate`` whose gate is computed through a global pooling that the signal does not pass (a
+    channel or spatial weighting), or through a statistic of the signal that normalizes it (the ``rsqrt(var(x) +
+    eps)`` of a norm written out, whose normalizing factor is held constant as LayerNorm's is).'''
     node: torch.fx.Node
     signal: torch.fx.Node
     gate: torch.fx.Node
@@ -190,6 +197,7 @@ class Analysis:
             if node.op == 'call_module':
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
         self.pools = {node for node in self.nodes if self.global_pool(node)}
+        self.statistics = {node for node in self.nodes if node in self.signals and self.statistic(node)}
         self.merges: List[Merge] = []
         self.gates: List[Gate] = []
         #: products and quotients of the signal and a factor without signal: the node, the input, the factor, and
@@ -257,6 +265,23 @@ class Analysis:
         if node.target in ('mean', 'amax', torch.mean, torch.amax) and node.op in ('call_method', 'call_function'):
             return _spatial(_keyword(node, 1, 'dim'))
         return False
+
+    def statistic(self, node: torch.fx.Node) -> bool:
+        '''Whether ``node`` computes a variance, standard deviation or norm of a tensor, or the mean (or sum) of its
+        square: the statistic a normalization divides by (timm's ``SimpleNorm2d``, ``RmsNorm2d``).'''
+        if node.op not in ('call_function', 'call_method'):
+            return False
+        if node.target in _STATISTICS:
+            return True
+        if node.target not in _MEANS or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return False
+        square = node.args[0]
+        if square.op not in ('call_function', 'call_method'):
+            return False
+        if square.target in _SQUARES:
+            return square.target in (torch.square, 'square') or (len(square.args) > 1 and square.args[1] == 2)
+        # x * x
+        return square.target in PRODUCTS and len(square.args) == 2 and square.args[0] is square.args[1]
 
     # --- merges ----------------------------------------------------------------------------------------------------
     def _find_merges(self) -> None:
@@ -374,12 +399,14 @@ class Analysis:
                     self.gates.append(Gate(node, signal, gate, self.holder(node)))
                     return
         self._unsupported(node, 'product of two paths that is no gate (a factor computed through a global pooling '
-                                'the other does not pass)')
+                                'or a normalizing statistic the other does not pass)')
 
     def _gates(self, signal: torch.fx.Node, gate: torch.fx.Node) -> bool:
-        '''Whether ``gate`` is computed through a global pooling that ``signal`` does not pass: a channel (or
-        spatial) weighting, as in squeeze-and-excitation and ECA, also where the gate comes from the block's input.'''
-        return any(self.depends(gate, pool) and not self.depends(signal, pool) for pool in self.pools)
+        '''Whether ``gate`` is computed through a global pooling or a normalizing statistic that ``signal`` does not
+        pass: a channel (or spatial) weighting, as in squeeze-and-excitation and ECA, also where the gate comes from
+        the block's input; or the normalizing factor of a norm written out.'''
+        return any(self.depends(gate, pool) and not self.depends(signal, pool)
+                   for pool in self.pools | self.statistics)
 
     # --- functional operations as modules --------------------------------------------------------------------------
     def _find_conversions(self) -> Dict[torch.fx.Node, torch.nn.Module]:

@@ -86,6 +86,7 @@ _CONSERVING_MODULES: Tuple[type, ...] = (
     torch.nn.modules.padding._ReplicationPadNd, torch.nn.Unfold, torch.nn.Fold,
     torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd,
 )
+_POOLS: Tuple[type, ...] = (torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd, AvgPool)
 _NORMALIZATIONS: Tuple[type, ...] = (
     torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm,
     torch.nn.CrossMapLRN2d,
@@ -109,6 +110,9 @@ _CONSERVING: Set[object] = {
     F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.relu, F.unfold, F.fold,
+    # the maximum or minimum of one signal over a dimension selects an entry (Hiera's and VOLO's pooling of tokens):
+    # relevance goes to it whole, as through a max pool; of two signals, it is a merge (analysis.unsupported)
+    'amax', 'amin', 'max', 'min', torch.amax, torch.amin, torch.max, torch.min,
 }
 #: a constant added to the signal (a bias, a position embedding): relevance passes on to the signal
 _ADDITIONS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
@@ -258,6 +262,10 @@ def _module(analysis: Analysis, node: torch.fx.Node, merged: Set[str], unmerged:
             whole: Set[str]) -> 'Operation | None':
     name, module = str(node.target), analysis.module(node)
     kind = type(module).__name__
+    # a pooling layer kept whole (timm's MaxPool2dSame pads and pools) has no paths inside: its rule, or the
+    # gradient that moves the maximum, conserves relevance all the same
+    if isinstance(module, _POOLS):
+        return None
     if name in whole:
         return Operation(name, kind, 'whole', module=True)
     if isinstance(module, _BatchNorm):
