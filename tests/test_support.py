@@ -14,6 +14,7 @@ from zennit.composites import EpsilonPlusFlat
 
 from canonizers import GraphCanonizer, NotConservedWarning, SupportReport, check
 from canonizers.evaluation import conservation
+from canonizers.graph.modules import FoldSum
 from canonizers.support import bias_free
 
 TARGET = 3
@@ -86,6 +87,13 @@ class Recurrent(torch.nn.Module):
         return out.transpose(1, 2).reshape(batch, channels, height, width)
 
 
+class Fold(torch.nn.Module):
+    '''Overlapping patches summed back (VOLO's outlook attention): the sum rule (FoldSum).'''
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = torch.nn.functional.unfold(x, 3, padding=1)
+        return torch.nn.functional.fold(patches, (8, 8), 3, padding=1)
+
+
 class Detached(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach()
@@ -131,7 +139,7 @@ def test_every_operation_without_a_conserving_rule_is_named_and_measured(case):
     assert report.forward_float64 < 1e-12
 
 
-@pytest.mark.parametrize('layer', [TwoSignals, lambda: Difference()])
+@pytest.mark.parametrize('layer', [TwoSignals, lambda: Difference(), lambda: Fold()])
 def test_products_and_differences_of_two_signals_conserve(layer):
     model = make(layer())
     with warnings.catch_warnings():
@@ -144,6 +152,19 @@ def test_products_and_differences_of_two_signals_conserve(layer):
     with Gradient(model, conservation_composite([])) as attributor:
         output, relevance = attributor(input, torch.eye(10, dtype=torch.float64)[[3]])
     assert abs(relevance.sum().item() / output[0, 3].item() - 1) > 1e-3
+
+
+def test_fold_gives_each_summand_its_share_of_the_sum():
+    '''FoldSum's relevance is the sum rule's, ``x_i * R_j / y_j``, written out with unfold; the sums conserve it.'''
+    patches = (torch.rand(1, 2 * 9, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + .1)
+    patches.requires_grad_()
+    output = FoldSum(3, padding=1)(patches, (4, 4))
+    assert torch.equal(output, torch.nn.functional.fold(patches, (4, 4), 3, padding=1))
+    relevance = torch.rand_like(output)
+    result, = torch.autograd.grad(output, patches, relevance)
+    expected = patches * torch.nn.functional.unfold(relevance / output, 3, padding=1)
+    assert ((result - expected).abs().max() / expected.abs().max()).item() < 1e-12
+    assert abs(result.sum().item() / relevance.sum().item() - 1) < 1e-12
 
 
 class Difference(torch.nn.Module):

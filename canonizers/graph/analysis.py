@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from zennit.layer import Sum
 
 from ..core.tracing import is_size, modules_of
-from .modules import GlobalMeanPool, SumReduction
+from .modules import FoldSum, GlobalMeanPool, SumReduction
 
 _SUMS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
 #: differences of two paths, which are sums of the first and the negated second (not in place)
@@ -76,6 +76,12 @@ def _sum_reduction(node: torch.fx.Node) -> Optional[torch.nn.Module]:
     return SumReduction(dims, bool(_keyword(node, 2, 'keepdim', False)))
 
 
+def _fold(node: torch.fx.Node) -> Optional[torch.nn.Module]:
+    options = {name: _keyword(node, index + 2, name, default) for index, (name, default) in enumerate(
+        (('kernel_size', None), ('dilation', 1), ('padding', 0), ('stride', 1)))}
+    return None if options['kernel_size'] is None else FoldSum(**options)
+
+
 def _spatial(dims) -> bool:
     '''Whether ``dims`` are the spatial dimensions of an image batch, (2, 3) or (-2, -1) in any order.'''
     if not isinstance(dims, (tuple, list)) or not all(isinstance(dim, int) for dim in dims):
@@ -104,7 +110,11 @@ CONVERSIONS: Dict[object, Callable[[torch.fx.Node], Optional[torch.nn.Module]]] 
     # a sum over a dimension of one tensor (the gated branches of selective-kernel and split attention)
     'sum': _sum_reduction,
     torch.sum: _sum_reduction,
+    F.fold: _fold,
 }
+#: conversions whose module takes further inputs of the call, which the traced forward computes: their names and
+#: positions (fold's output size, from the signal's shape)
+_RUNTIME_ARGUMENTS = {F.fold: (('output_size', 1),)}
 _INPLACE = {torch.relu_, F.relu_, 'relu_'}
 #: conversions whose last positional argument may be ``inplace``
 _ACTIVATIONS = {F.relu, F.relu6, F.silu, F.hardsigmoid, F.hardswish, F.leaky_relu}
@@ -210,6 +220,8 @@ class Analysis:
         self._find_merges()
         #: the input of a conversion where it is not the first argument (the x of x * sigmoid(x))
         self.conversion_inputs: Dict[torch.fx.Node, torch.fx.Node] = {}
+        #: the keyword inputs of a conversion's module that the forward computes (``_RUNTIME_ARGUMENTS``)
+        self.conversion_arguments: Dict[torch.fx.Node, Dict[str, object]] = {}
         self.conversions = self._find_conversions()
 
     def release(self) -> None:
@@ -432,9 +444,15 @@ class Analysis:
             # an in-place operation changes its input for the other users too: as a module it would not
             if inplace and len(input.users) > 1:
                 continue
-            if any(isinstance(arg, torch.fx.Node) for arg in list(node.args[1:]) + list(node.kwargs.values())):
+            inputs = _RUNTIME_ARGUMENTS.get(node.target, ())
+            runtime = {name: _keyword(node, position, name) for name, position in inputs}
+            options = [arg for position, arg in enumerate(node.args[1:], 1) if position not in dict(inputs).values()]
+            options += [value for key, value in node.kwargs.items() if key not in runtime]
+            if any(isinstance(arg, torch.fx.Node) for arg in options):
                 continue
             module = convert(node)
             if module is not None:
                 conversions[node] = module
+                if runtime:
+                    self.conversion_arguments[node] = runtime
         return conversions

@@ -83,7 +83,7 @@ _CONSERVING_MODULES: Tuple[type, ...] = (
     torch.nn.modules.dropout._DropoutNd, torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten,
     torch.nn.PixelShuffle, torch.nn.PixelUnshuffle, torch.nn.ChannelShuffle, torch.nn.Upsample,
     torch.nn.modules.padding._ConstantPadNd, torch.nn.modules.padding._ReflectionPadNd,
-    torch.nn.modules.padding._ReplicationPadNd, torch.nn.Unfold, torch.nn.Fold,
+    torch.nn.modules.padding._ReplicationPadNd, torch.nn.Unfold,
     torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd,
 )
 _POOLS: Tuple[type, ...] = (torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd, AvgPool)
@@ -103,13 +103,14 @@ _CONSERVING: Set[object] = {
     'expand_as', 'view_as', 'reshape_as', 'repeat', 'roll', 'flip', 'narrow', 'select', 'movedim', 'moveaxis',
     'swapaxes', 'swapdims', 'unflatten', 'chunk', 'split', 'unbind', 'tensor_split', 'float', 'double', 'half',
     'bfloat16', 'to', 'type', 'type_as', 'clone', 'mean', 'unfold', 'relu', 'relu_', 'repeat_interleave',
+    # not fold: it sums overlapping patches, and the gradient hands each summand the whole relevance of the sum
     operator.getitem, getattr, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
     torch.unsqueeze, torch.chunk, torch.split, torch.unbind, torch.roll, torch.flip, torch.narrow, torch.movedim,
     torch.swapaxes, torch.t, torch.mean, torch.relu, torch.repeat_interleave, torch.tensor_split,
     F.pad, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.interpolate, F.upsample,
     F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.relu, F.unfold, F.fold,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.relu, F.unfold,
     # the maximum or minimum of one signal over a dimension selects an entry (Hiera's and VOLO's pooling of tokens):
     # relevance goes to it whole, as through a max pool; of two signals, it is a merge (analysis.unsupported)
     'amax', 'amin', 'max', 'min', torch.amax, torch.amin, torch.max, torch.min,

@@ -8,6 +8,7 @@ from zennit.layer import Sum
 from zennit.types import Activation
 
 from ..core.masked_sum import mask_columns, mask_gradient
+from ..core.products import stabilize
 
 
 def stack_summands(*summands: torch.Tensor) -> torch.Tensor:
@@ -152,6 +153,45 @@ class SumReduction(Sum):
 
     def extra_repr(self) -> str:
         return f'dims={self.dim}, keepdim={self.keepdim}'
+
+
+class _Fold(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, output_size, options: Dict[str, Any]) -> torch.Tensor:
+        output = torch.nn.functional.fold(input, output_size, **options)
+        ctx.save_for_backward(input, output)
+        ctx.options = options
+        return output
+
+    @staticmethod
+    def backward(ctx, relevance: torch.Tensor):
+        input, output = ctx.saved_tensors
+        return input * torch.nn.functional.unfold(relevance / stabilize(output), **ctx.options), None, None
+
+
+class FoldSum(torch.nn.Module):
+    '''``F.fold``, which sums overlapping patches into an image (VOLO's outlook attention), with the sum rule: each
+    summand gets the share ``x_i / y_j`` of the relevance of its sum ``y_j``.
+
+    Left to autograd, fold hands every summand the whole relevance of its sum (its gradient is 1 for each). The
+    output size is an input of the forward, as the traced model computes it from the signal's shape.
+
+    Parameters
+    ----------
+    kernel_size, dilation, padding, stride
+        As for :py:func:`torch.nn.functional.fold`.
+    '''
+    def __init__(self, kernel_size, dilation=1, padding=0, stride=1) -> None:
+        super().__init__()
+        self.options = {'kernel_size': kernel_size, 'dilation': dilation, 'padding': padding, 'stride': stride}
+
+    def forward(self, input: torch.Tensor, output_size) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not input.requires_grad:
+            return torch.nn.functional.fold(input, output_size, **self.options)
+        return _Fold.apply(input, output_size, self.options)
+
+    def extra_repr(self) -> str:
+        return ', '.join(f'{key}={value}' for key, value in self.options.items())
 
 
 def call_forward_hooks(module: torch.nn.Module, args: Tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:

@@ -213,7 +213,8 @@ class Program:
                 slot = self._slot(analysis.holder(node), f'canonizer_{type(module).__name__.lower()}', 'module',
                                   prototype=module)
             input = analysis.conversion_inputs.get(node, node.args[0])
-            self._replace(node, self._call(node, slot, (self._node(input),)))
+            arguments = torch.fx.node.map_arg(analysis.conversion_arguments.get(node, {}), self._node)
+            self._replace(node, self._call(node, slot, (self._node(input),), arguments))
         for _, sigmoid in analysis.swishes.values():
             # the sigmoid of x * sigmoid(x), now computed by the SiLU module, unless something else reads it
             if not sigmoid.users:
