@@ -287,6 +287,14 @@ def test_demo_prints_table_and_writes_pictures(tmp_path):
     assert all(float(row['leaked_share']) > 0.3 for row in rows)
     assert sorted(path.name for path in tmp_path.glob('*.png')) == sorted(f'{name}.png' for name in CLASSES)
     assert len(list((tmp_path / 'samples').glob('*.png'))) == len(CLASSES)
+    # the same on the trained ViT, concepts on its features, isolated as CRP isolates (its shortcut carries much)
+    assert 'the same on the embedded ViT (trained; 8x8 patches, 4 layers) through GraphCanonizer' in stdout
+    vit_rows = read_csv(tmp_path / 'vit' / 'heatmaps.csv')
+    assert [Path(row['image']).stem for row in vit_rows] == list(cli.explaining.DEMO_VIT_SAMPLES)
+    assert all(row['layer'] == cli.explaining.DEMO_VIT_LAYER and row['cut'] not in ('', 'nothing') for row in vit_rows)
+    assert all(float(row['max_deviation']) < 1e-4 and float(row['leaked_share']) > 0.01 for row in vit_rows)
+    assert sorted(path.name for path in (tmp_path / 'vit').glob('*.png')) == sorted(
+        f'{name}.png' for name in cli.explaining.DEMO_VIT_SAMPLES)
     # the same on a timm model through the graph canonizer, isolated as CRP isolates
     assert 'the same on timm:resnet10t (random weights) through GraphCanonizer' in stdout
     assert 'isolation cuts layer3.0:skip' in stdout

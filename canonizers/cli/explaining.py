@@ -50,6 +50,9 @@ class Job:
     reference: bool = True
     #: the picture file name of each image
     names: Dict[Path, str] = field(default_factory=dict)
+    #: the CRP concept of ``layer``: None for CRP's ChannelConcept (dimension 1), a FeatureConcept for token-major
+    #: layers (features on the last dimension, as in transformers)
+    concept: Optional[object] = None
 
 
 def prepare(args: argparse.Namespace) -> Job:
@@ -180,7 +183,7 @@ def explain_image(job: Job, path: Path, rgb: torch.Tensor, bar) -> List[Dict[str
     loaded = job.loaded
     prediction = predict(job, rgb)
     class_heatmap, relevances = attribute_class(
-        loaded.model, prediction.data, prediction.target, job.family, job.composite, job.layer)
+        loaded.model, prediction.data, prediction.target, job.family, job.composite, job.layer, job.concept)
     relevances = relevances.cpu()
     concepts = job.concepts or top_concepts(relevances, job.top, path, job.layer)
 
@@ -189,7 +192,7 @@ def explain_image(job: Job, path: Path, rgb: torch.Tensor, bar) -> List[Dict[str
     conditions = [{job.layer: [concept], MODEL_OUTPUT: [prediction.target]} for concept in concepts]
     # all concepts of the image together: one pass for the leaky heatmaps, one for the isolated ones
     results = compare_heatmaps(loaded.model, prediction.data, conditions, job.family, job.composite,
-                               job.reference) if conditions else []
+                               job.reference, job.concept) if conditions else []
     for concept, result in zip(concepts, results):
         result = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in result.items()}
         relevance = relevances[concept].item()
@@ -351,7 +354,8 @@ def check_demo_layer(layer: str) -> None:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    '''``canonizers demo``: ``explain`` on the embedded model and built-in samples.'''
+    '''``canonizers demo``: ``explain`` on the embedded ResNet and built-in samples, then on the embedded ViT (and a
+    timm model, if timm is installed).'''
     out = Path(args.out)
     # the layer is checked before anything is written: the samples are written only to be read back
     check_demo_layer(args.layer)
@@ -366,9 +370,56 @@ def command_demo(args: argparse.Namespace) -> int:
     report(job, rows, time.perf_counter() - start)
     print(f'the same for one sample by hand: {PROG} explain --model demo --image {images[0]} --layer {job.layer} '
           f'--top {job.top} --out {out / "explain"}')
+    demo_vit(out, [path for path in images if Path(path).stem in DEMO_VIT_SAMPLES], args)
     if importlib.util.find_spec('timm') is not None:
         demo_timm(out, images[:1], args)
     return 0
+
+
+def report_extra(title: str, job: Job, rows: Sequence[Mapping[str, object]], seconds: float) -> None:
+    '''Print the table of one of the demo's further models, after its title.'''
+    print(f'\n{title}:')
+    print(f'model {job.loaded.name}, layer {job.layer}; isolation cuts '
+          f'{", ".join(sorted({str(row["cut"]) for row in rows})) or "nothing"}')
+    print_warnings(job, rows)
+    print(format_table(rows))
+    print(f'wrote {len(job.images)} picture(s) and {CSV_NAME} to {job.out} in {seconds:.1f} s')
+
+
+#: the layer of the demo ViT whose concepts the demo explains: the hidden features of the MLP of encoder layer 2,
+#: inside its residual branch (the shortcut around the MLP carries relevance past them); and the samples it explains
+DEMO_VIT_LAYER = 'encoder.layers.encoder_layer_2.mlp.0'
+DEMO_VIT_SAMPLES = ('cross', 'star')
+
+
+def demo_vit(out: Path, images: List[str], args: argparse.Namespace) -> None:
+    '''The same on the embedded, trained ViT (:py:class:`~canonizers.demo.DemoViT`) through
+    :py:class:`~canonizers.GraphCanonizer`, with concepts on the feature (last) dimension of its token-major layers
+    (:py:class:`~canonizers.crp.FeatureConcept`), writing to ``out/vit``.'''
+    from .. import demo
+    from ..crp import FeatureConcept
+
+    model = demo.load_demo_vit().requires_grad_(False).to(parse_device(args.device))
+    loaded = LoadedModel('demo ViT', model, demo.MEAN, demo.STD, demo.IMAGE_SIZE, demo.CLASSES)
+    check_condition_layer(loaded, DEMO_VIT_LAYER)
+    job = Job(
+        loaded=loaded,
+        family=pick_family(loaded, DEMO_VIT_LAYER),
+        composite=composite_factory(args.composite, loaded),
+        composite_name=args.composite,
+        images=[(Path(path), read_image(Path(path), loaded.size)) for path in images],
+        layer=DEMO_VIT_LAYER,
+        concepts=None,
+        top=args.top,
+        target=None,
+        out=make_directory(out / 'vit'),
+        names=picture_names([Path(path) for path in images]),
+        concept=FeatureConcept(),
+    )
+    start = time.perf_counter()
+    rows = run_job(job)
+    report_extra('the same on the embedded ViT (trained; 8x8 patches, 4 layers) through GraphCanonizer, concepts on '
+                 'the feature dimension (FeatureConcept)', job, rows, time.perf_counter() - start)
 
 
 #: the timm model of the demo, and the layer it explains (inside the residual branch of block layer3.0)
@@ -393,9 +444,5 @@ def demo_timm(out: Path, images: List[str], args: argparse.Namespace) -> None:
     job = prepare(explain)
     start = time.perf_counter()
     rows = run_job(job)
-    print(f'\nthe same on timm:{DEMO_TIMM} (random weights) through GraphCanonizer:')
-    print(f'model {job.loaded.name}, layer {job.layer}; isolation cuts '
-          f'{", ".join(sorted({str(row["cut"]) for row in rows})) or "nothing"}')
-    print_warnings(job, rows)
-    print(format_table(rows))
-    print(f'wrote {len(job.images)} picture(s) and {CSV_NAME} to {job.out} in {time.perf_counter() - start:.1f} s')
+    report_extra(f'the same on timm:{DEMO_TIMM} (random weights) through GraphCanonizer', job, rows,
+                 time.perf_counter() - start)

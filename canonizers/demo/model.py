@@ -15,7 +15,7 @@ from torchvision.models.resnet import BasicBlock, ResNet, conv1x1
 
 from .shapes import CLASSES
 
-__all__ = ['DEFAULT_WIDTHS', 'DemoResNet', 'WEIGHTS_FILE', 'load_demo_model']
+__all__ = ['DEFAULT_WIDTHS', 'DemoResNet', 'WEIGHTS_FILE', 'load_demo_model', 'load_shipped']
 
 DEFAULT_WIDTHS: tuple[int, int, int, int] = (16, 32, 64, 128)
 WEIGHTS_FILE: str = 'weights.pt'
@@ -122,8 +122,27 @@ def load_demo_model(device: str | torch.device = 'cpu') -> DemoResNet:
     DemoResNet
         The trained model in eval mode, so batch norms use their running statistics.
     """
-    model = DemoResNet()
-    with resources.as_file(resources.files(__package__) / WEIGHTS_FILE) as path:
+    return load_shipped(DemoResNet(), WEIGHTS_FILE, device)
+
+
+def load_shipped(model: torch.nn.Module, file_name: str, device: str | torch.device = 'cpu') -> torch.nn.Module:
+    """Load the state dict shipped in this package as ``file_name`` into ``model``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A freshly built demo model of the architecture the file was trained for.
+    file_name : str
+        The weights file inside :mod:`canonizers.demo`.
+    device : str or torch.device, optional
+        Device to put the model on.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` with the weights, on ``device``, in eval mode.
+    """
+    with resources.as_file(resources.files(__package__) / file_name) as path:
         state_dict = torch.load(path, map_location='cpu', weights_only=True)
     model.load_state_dict(state_dict)
     return model.to(device).eval()
