@@ -102,3 +102,13 @@ def relevant_channel(model, data, layer, target, composite):
     attribution = CondAttribution(model, no_param_grad=False)
     result = attribution(data, [{'y': [target]}], composite, record_layer=[layer], exclude_parallel=False)
     return int(result.relevances[layer][0].flatten(1).sum(1).abs().argmax())
+
+
+def accuracy(model, count, seed):
+    '''The share of ``count`` freshly generated shape images (``seed``) that ``model`` classifies correctly.'''
+    from canonizers.demo import make_dataset
+
+    images, labels = make_dataset(count, seed)
+    with torch.no_grad():
+        predictions = model(images).argmax(1)
+    return (predictions == labels).float().mean().item()

@@ -4,6 +4,7 @@ from importlib import resources
 
 import pytest
 import torch
+from helpers import accuracy
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
@@ -30,11 +31,7 @@ def demo_model() -> DemoResNet:
 
 def test_accuracy_on_fresh_images(demo_model: DemoResNet) -> None:
     """The shipped weights classify freshly generated images accurately."""
-    images, labels = make_dataset(240, FRESH_SEED)
-    with torch.no_grad():
-        predictions = demo_model(images).argmax(1)
-    accuracy = (predictions == labels).float().mean().item()
-    assert accuracy >= 0.95
+    assert accuracy(demo_model, 240, FRESH_SEED) >= 0.95
 
 
 def test_weights_file_small() -> None:

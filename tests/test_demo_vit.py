@@ -5,11 +5,12 @@ from importlib import resources
 
 import pytest
 import torch
+from helpers import accuracy, relative_error
 from torchvision.models import VisionTransformer
 from zennit.composites import EpsilonPlusFlat
 
 from canonizers import GraphCanonizer, check
-from canonizers.demo import CLASSES, VIT_WEIGHTS_FILE, DemoViT, load_demo_vit, make_dataset, sample_images
+from canonizers.demo import CLASSES, VIT_WEIGHTS_FILE, DemoViT, load_demo_vit, sample_images
 
 crp_attribution = pytest.importorskip('crp.attribution')
 from canonizers.crp import FeatureConcept, IsolatingCondAttribution, cuts_for  # noqa: E402
@@ -35,19 +36,11 @@ def demo_vit() -> DemoViT:
     return load_demo_vit()
 
 
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    """``max|value - reference| / max|reference|``."""
-    return ((value - reference).abs().max() / reference.abs().max()).item()
-
 
 def test_accuracy_on_fresh_images(demo_vit: DemoViT) -> None:
     """The shipped weights classify freshly generated images accurately."""
     # 1000 images: the bound then has a margin of many images (96.8% measured)
-    images, labels = make_dataset(1000, FRESH_SEED)
-    with torch.no_grad():
-        predictions = demo_vit(images).argmax(1)
-    accuracy = (predictions == labels).float().mean().item()
-    assert accuracy >= 0.95
+    assert accuracy(demo_vit, 1000, FRESH_SEED) >= 0.95
 
 
 def test_weights_file_small_and_float32() -> None:

@@ -8,7 +8,14 @@ import pytest
 import timm
 import torch
 import torchvision
-from helpers import assert_untouched, conservation_composite, output_relevance, randomize_batch_norms, snapshot
+from helpers import (
+    assert_untouched,
+    conservation_composite,
+    output_relevance,
+    randomize_batch_norms,
+    relative_error,
+    snapshot,
+)
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlusFlat
 
@@ -139,6 +146,15 @@ def test_every_operation_without_a_conserving_rule_is_named_and_measured(case):
     assert report.forward_float64 < 1e-12
 
 
+def assert_supported(model: torch.nn.Module) -> None:
+    '''``check`` finds ``model`` exact and conservative, names no operation and warns about none.'''
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', NotConservedWarning)
+        report = check(model, data())
+    assert report.status == 'supported' and report.operations == [], report
+    assert abs(report.conservation - 1) < 1e-9, report
+
+
 @pytest.mark.parametrize('layer', [TwoSignals, lambda: Difference(), lambda: Fold()])
 def test_products_and_differences_of_two_signals_conserve(layer):
     model = make(layer())
@@ -163,7 +179,7 @@ def test_fold_gives_each_summand_its_share_of_the_sum():
     relevance = torch.rand_like(output)
     result, = torch.autograd.grad(output, patches, relevance)
     expected = patches * torch.nn.functional.unfold(relevance / output, 3, padding=1)
-    assert ((result - expected).abs().max() / expected.abs().max()).item() < 1e-12
+    assert relative_error(result, expected) < 1e-12
     assert abs(result.sum().item() / relevance.sum().item() - 1) < 1e-12
 
 
@@ -217,11 +233,7 @@ def test_norms_written_out_hold_their_normalizing_factor_constant(norm):
     a gate, constant in the backward pass, as LayerNorm's standard deviation is; relevance is conserved, and equals
     that of the same model with the factor detached by hand.'''
     model = make(norm())
-    with warnings.catch_warnings():
-        warnings.simplefilter('error', NotConservedWarning)
-        report = check(model, data())
-    assert report.status == 'supported' and report.operations == [], report
-    assert abs(report.conservation - 1) < 1e-9, report
+    assert_supported(model)
     # the oracle: the gradient (times the input) of the model with the factor detached, under a vanishing epsilon
     model = bias_free(model)
     oracle = copy.deepcopy(model)
@@ -233,10 +245,10 @@ def test_norms_written_out_hold_their_normalizing_factor_constant(norm):
         output, relevance = attributor(input, torch.eye(10, dtype=torch.float64)[[TARGET]])
     # the relevance of the output is 1
     expected = grad * input / target
-    assert ((relevance - expected).abs().max() / expected.abs().max()).item() < 1e-9
+    assert relative_error(relevance, expected) < 1e-9
     # the oracle is sharp: the plain gradient of the norm is another
     plain, = torch.autograd.grad(model(input)[0, TARGET], input)
-    assert ((plain * input / target - expected).abs().max() / expected.abs().max()).item() > 1e-3
+    assert relative_error(plain * input / target, expected) > 1e-3
 
 
 class ChannelMax(torch.nn.Module):
@@ -251,11 +263,7 @@ def test_maxima_conserve_and_are_not_reported(layer):
     '''A maximum over a dimension and a max pool kept whole (timm's MaxPool2dSame, not traceable) move relevance to
     the maximum whole: nothing is reported, and relevance is conserved.'''
     model = make(layer())
-    with warnings.catch_warnings():
-        warnings.simplefilter('error', NotConservedWarning)
-        report = check(model, data())
-    assert report.status == 'supported' and report.operations == [], report
-    assert abs(report.conservation - 1) < 1e-9, report
+    assert_supported(model)
 
 
 def test_a_conserving_model_is_reported_so_and_not_warned_about():
