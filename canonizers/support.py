@@ -13,7 +13,7 @@ import copy
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -82,6 +82,9 @@ class SupportReport:
         (:py:func:`canonizers.evaluation.conservation_composite`); 1 is exact.
     notes: list of str
         What could not be measured, and why.
+    input_shape: tuple of int, optional
+        Where the model's forward branches on shapes: the shape of the example input, the only one it was traced and
+        measured for (and the ``input_shape`` of :py:class:`~canonizers.GraphCanonizer` these figures hold for).
     status: str
         ``"supported"``, ``"not conservative"`` or ``"refused"``.
     verdict: str
@@ -98,6 +101,7 @@ class SupportReport:
     forward_float64: Optional[float] = None
     conservation: Optional[float] = None
     notes: List[str] = field(default_factory=list)
+    input_shape: Optional[Tuple[int, ...]] = None
     status: str = REFUSED
     verdict: str = ''
 
@@ -149,13 +153,14 @@ def _number(value: Optional[float]) -> str:
     return '-' if value is None else f'{value:.1e}'
 
 
-def bias_free(model: torch.nn.Module) -> torch.nn.Module:
+def bias_free(model: torch.nn.Module, input_shape: Optional[Sequence[int]] = None) -> torch.nn.Module:
     '''Set every bias of ``model`` (of linear layers, convolutions, normalizations), every batch-norm mean and every
     learned constant that joins the signal (position embeddings, class and register tokens, as
     :py:class:`~canonizers.GraphCanonizer` finds them, where it can trace the model) to 0, in place: without biases,
-    the Epsilon rule conserves relevance exactly, so any loss is the rules' own.'''
+    the Epsilon rule conserves relevance exactly, so any loss is the rules' own. ``input_shape`` is that of
+    :py:class:`~canonizers.GraphCanonizer`, for models whose forward branches on shapes.'''
     try:
-        learned = compiled_for(model).learned
+        learned = compiled_for(model, input_shape=input_shape).learned
     except ValueError:
         learned = []
     with torch.no_grad():
@@ -187,7 +192,9 @@ def check(model: torch.nn.Module, example_input: torch.Tensor, progress: bool = 
     model: :py:obj:`torch.nn.Module`
         The model (checked in eval mode, as it is explained).
     example_input: :py:obj:`torch.Tensor`
-        An input batch of the shape the model takes (random values are fine).
+        An input batch of the shape the model takes (random values are fine). Where the forward branches on shapes,
+        the model is traced and measured for this shape alone, as ``GraphCanonizer(input_shape=...)`` canonizes it
+        (``report.input_shape``, and a note, say so).
     progress: bool
         Print each step to stderr (large models take a while).
 
@@ -209,12 +216,18 @@ def check(model: torch.nn.Module, example_input: torch.Tensor, progress: bool = 
     data = example_input.detach().to(torch.float64)
     report = SupportReport(name, traced=False)
     step('tracing')
+    shape = tuple(data.shape)
     try:
-        compiled = compiled_for(exact_model)
+        compiled = compiled_for(exact_model, input_shape=shape)
     except ValueError as error:
         return _refused(report, str(error))
     report.traced = True
     _describe(report, compiled)
+    if compiled.specialized is not None:
+        report.input_shape = shape
+        report.notes.append(f'its forward branches on shapes: traced for inputs of shape {shape} alone (canonize it '
+                            f'with GraphCanonizer(input_shape={shape}); without it, the modules that branch are kept '
+                            'whole)')
     try:
         step('forward in float64 and float32')
         with torch.no_grad():
@@ -222,11 +235,11 @@ def check(model: torch.nn.Module, example_input: torch.Tensor, progress: bool = 
         if not bool(exact.abs().max() > 0):
             report.notes.append('the output is 0 for this input (a head initialised to zero?): forward deviations are '
                                 'absolute')
-        report.forward_float64 = _deviation(_canonized(exact_model, lambda: exact_model(data)), exact)
+        report.forward_float64 = _deviation(_canonized(exact_model, lambda: exact_model(data), shape), exact)
         single = copy.deepcopy(exact_model).to(torch.float32)
-        report.forward_float32 = _deviation(_canonized(single, lambda: single(data.float())), exact)
+        report.forward_float32 = _deviation(_canonized(single, lambda: single(data.float()), shape), exact)
         step('relevance of a bias-free float64 copy')
-        report.conservation = _conservation(bias_free(exact_model), data, report)
+        report.conservation = _conservation(bias_free(exact_model, shape), data, report)
     except (RuntimeError, ValueError, TypeError) as error:
         return _refused(report, f'{type(error).__name__} while canonized: {str(error).splitlines()[0]}')
     _judge(report)
@@ -265,11 +278,11 @@ def _deviation(value: torch.Tensor, reference: torch.Tensor) -> float:
     return (value.double() - reference.double()).abs().max().item()
 
 
-def _canonized(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+def _canonized(model: torch.nn.Module, forward: Callable[[], torch.Tensor], shape: Tuple[int, ...]) -> torch.Tensor:
     with warnings.catch_warnings():
         # the report holds what the warnings say
         warnings.simplefilter('ignore')
-        instances = GraphCanonizer().apply(model)
+        instances = GraphCanonizer(input_shape=shape).apply(model)
     try:
         with torch.no_grad():
             return forward()
@@ -296,7 +309,7 @@ def _conservation(model: torch.nn.Module, data: torch.Tensor, report: SupportRep
     def initial(out: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(out).flatten().index_fill(0, torch.tensor([target]), 1.).reshape(out.shape) * out
 
-    composite = conservation_composite([GraphCanonizer()])
+    composite = conservation_composite([GraphCanonizer(input_shape=tuple(data[:1].shape))])
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         # constant shifts computed by layers (not parameters bias_free zeroes) are biases too: zeroed alike

@@ -2,6 +2,7 @@
 import copy
 import functools
 
+import pytest
 import torch
 import torchvision
 
@@ -112,3 +113,14 @@ def accuracy(model, count, seed):
     with torch.no_grad():
         predictions = model(images).argmax(1)
     return (predictions == labels).float().mean().item()
+
+
+def first_per_model(cases):
+    '''``cases`` (tuples that start with a model's name) as parameter sets, all but the first of each model marked
+    ``once``: every zennit version runs each model, the pinned one runs every layer.'''
+    seen = set()
+    marked = []
+    for case in cases:
+        marked.append(pytest.param(*case, marks=pytest.mark.once) if case[0] in seen else case)
+        seen.add(case[0])
+    return marked

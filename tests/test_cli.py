@@ -25,6 +25,10 @@ from canonizers.leakage import leaked_share
 pytest.importorskip('crp')
 pytest.importorskip('matplotlib')
 
+# the command line's code is the same on every zennit version, whose rules the other modules test: run once
+pytestmark = pytest.mark.once
+
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = 'layer2.0.conv1'
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[None, :, None, None]

@@ -4,7 +4,6 @@ supported, and flags isolated heatmaps that deviate from CRP's reference above r
 import contextlib
 import csv
 import io
-from importlib.metadata import version
 
 import pytest
 import torch
@@ -17,6 +16,10 @@ from canonizers.evaluation import randomize_batch_norms
 
 pytest.importorskip('crp')
 timm = pytest.importorskip('timm')
+
+
+# the command line's code is the same on every zennit version, whose rules the other modules test: run once
+pytestmark = pytest.mark.once
 
 
 def run(*argv):
@@ -36,11 +39,18 @@ def test_check_a_conserving_model_exits_0():
 
 
 def test_check_a_model_that_does_not_conserve_exits_1_and_names_the_operations():
-    # its MobileViT blocks are not traceable (timm marks them so): kept whole, with no rules inside
-    status, stdout, _ = run('check', 'timm:mobilevit_xxs', '--size', '32')
+    # the linear attention of EfficientViT (B) divides by a sum of its own signal: no rule applies
+    status, stdout, _ = run('check', 'timm:efficientvit_b0', '--size', '32')
     assert status == 1
-    assert "whole (3 places): 'stages.2.1' (MobileVitBlock), 'stages.3.1' (MobileVitBlock)" in stdout
-    assert 'verdict: exact, relevance not conserved at 3 places of whole' in stdout
+    assert "merge (4 places): a truediv of 2 paths in 'stages.2.blocks.1.context_module.main'" in stdout
+    assert 'verdict: exact, relevance not conserved at 4 places of merge' in stdout
+
+
+def test_check_traces_a_model_that_branches_on_shapes_for_its_input_shape():
+    # MobileViT's blocks branch on shapes (timm marks them not traceable): traced for the one input shape
+    status, stdout, _ = run('check', 'timm:mobilevit_xxs', '--size', '32')
+    assert status == 0
+    assert 'GraphCanonizer(input_shape=(1, 3, 32, 32))' in stdout and 'verdict: exact and conservative' in stdout
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -67,7 +77,9 @@ def test_explain_prints_the_verdict_above_its_table_where_a_model_is_not_support
                                  '--out', tmp_path / 'out')
     assert status == 0, stderr
     warning = next(line for line in stdout.splitlines() if line.startswith('warning: '))
-    assert warning.startswith('warning: exact, relevance not conserved at 3 places of whole')
+    # check traces it for one shape; explain, for any, keeps the blocks that branch on shapes whole
+    assert warning.startswith('warning: ByobNet branches on shapes, and explain keeps the modules and functions that '
+                              'do whole')
     assert stdout.index(warning) < stdout.index('concept')
 
 
@@ -87,8 +99,6 @@ def _vit_tiny():
     return timm.create_model('vit_tiny_patch16_224', pretrained=False)
 
 
-# the command's code is the same on every zennit version (its rules are tested on each): run once, as it is slow
-@pytest.mark.skipif(version('zennit') != '0.4.6', reason='explain on ViTs is run with zennit 0.4.6 only (slow)')
 @pytest.mark.parametrize('model, build, layer', [
     ('timm:vit_tiny_patch16_224', _vit_tiny, 'blocks.10.mlp.fc1'),
     ('vit_b_16', _vit_b_16, 'encoder.layers.encoder_layer_10.mlp.0'),

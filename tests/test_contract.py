@@ -15,6 +15,7 @@ from helpers import (
     attribute,
     conservation_composite,
     crp_heatmap,
+    first_per_model,
     make_input,
     make_model,
     output_relevance,
@@ -91,7 +92,8 @@ FAMILIES = {family.model: family for family in [
     Family('mobilenet_v3_small', MobileNetCanonizer, {'features.5': 'skip', 'features.1?': 'residual'},
            (('features.5.block.0.0', {'features.5': 'skip'}),), 'features.10', weight=(2., 4.)),
 ]}
-ISOLATION = [(model, layer, cut) for model, family in FAMILIES.items() for layer, cut in family.isolation]
+ISOLATION = first_per_model([(model, layer, cut) for model, family in FAMILIES.items()
+                             for layer, cut in family.isolation])
 
 
 @pytest.fixture(params=list(FAMILIES))

@@ -15,6 +15,7 @@ from helpers import (
     attribute,
     conservation_composite,
     crp_heatmap,
+    first_per_model,
     make_model,
     output_relevance,
     randomize_batch_norms,
@@ -112,7 +113,7 @@ CASES = {case.name: case for case in [
     # test: EpsilonPlusFlat gives no relevance at all through its weight-standardized convolutions, canonized or not
     Case('nf_resnet26', timm_model('nf_resnet26'), ()),
 ]}
-ISOLATION = [(name, layer) for name, case in CASES.items() for layer in case.layers]
+ISOLATION = first_per_model([(name, layer) for name, case in CASES.items() for layer in case.layers])
 
 
 @functools.cache

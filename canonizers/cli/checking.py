@@ -54,6 +54,11 @@ def verdict_warning(model: torch.nn.Module, data: torch.Tensor) -> Optional[str]
     from ..support import check
 
     report = check(model, data[:1])
+    if report.supported and report.input_shape is not None:
+        # check traced it for one input shape; explain canonizes it for any, with the modules that branch kept whole
+        return (f'warning: {report.model} branches on shapes, and explain keeps the modules and functions that do '
+                'whole (relevance through them is not conserved, paths inside them are not cut); canonizers check '
+                f'traces it for one input shape, as GraphCanonizer(input_shape={report.input_shape}) does')
     if report.supported:
         return None
     return f'warning: {report.verdict} (see: canonizers check)'

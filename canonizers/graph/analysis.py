@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from zennit.layer import Sum
 
 from ..core.tracing import is_size, modules_of
+from .functional import functional_layer
 from .modules import FoldSum, GlobalMeanPool, SumReduction
 
 _SUMS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
@@ -432,6 +433,10 @@ class Analysis:
         for node in self.nodes:
             if node.op not in ('call_function', 'call_method') or node in gate_nodes or node not in self.signals or (
                     node in conversions or node in swish_sigmoids):
+                continue
+            layer = functional_layer(node, self.signals)
+            if layer is not None:
+                conversions[node] = layer
                 continue
             convert = CONVERSIONS.get(node.target)
             if convert is None:

@@ -1,6 +1,6 @@
 '''The graph canonizer: the canonizers of this package for any model ``torch.fx`` can trace.'''
 import warnings
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from zennit.canonizers import Canonizer
@@ -69,16 +69,27 @@ class GraphCanonizer(Canonizer):
         that relevance is not conserved through attention by design; see :py:mod:`canonizers.core.products`).
         Either way, products of two signals that are no gate (gMLP's gating, GLU-style gates, ``x1 * x2`` of
         StarNet) get the uniform rule: each factor takes half of the product's relevance.
+    input_shape: tuple of int, optional
+        The shape of the inputs (batch included) to trace the model for where its forward branches on shapes
+        (timm's MobileViT, Twins, TinyViT, EfficientViT, ConViT, ...: padding to windows, caches of the token count),
+        which ``torch.fx`` cannot trace in general. The canonized forward then takes inputs of this shape and of the
+        dtype of the model's parameters alone, and refuses others with a ``ValueError``. Without it, timm's no-trace
+        modules of such a model are kept whole, and the paths and operations inside them are out of reach (the
+        warning of :py:mod:`canonizers.graph.conservation` names them). Models whose forward is traced in general
+        are traced so either way.
 
     Raises
     ------
     ValueError
-        If ``attention`` is not one of :py:data:`ATTENTION_RULES`.
+        If ``attention`` is not one of :py:data:`ATTENTION_RULES`, or ``input_shape`` is no sequence of positive
+        integers.
     '''
-    def __init__(self, cut: CutLike = None, attention: str = 'cp-lrp') -> None:
+    def __init__(self, cut: CutLike = None, attention: str = 'cp-lrp',
+                 input_shape: Optional[Sequence[int]] = None) -> None:
         if attention not in ATTENTION_RULES:
             raise ValueError(f'attention={attention!r}: must be one of {", ".join(map(repr, ATTENTION_RULES))}')
         self.attention = attention
+        self.input_shape = shape_of(input_shape)
         self._cut: ParsedCut = parse_cut(cut)
         self._instances: List[GraphCanonizer] = []
         self.compiled: Optional[Compiled] = None
@@ -99,11 +110,12 @@ class GraphCanonizer(Canonizer):
             instance.update(cut)
 
     def __repr__(self) -> str:
-        return f'{type(self).__name__}(cut={self.cut!r}, attention={self.attention!r})'
+        shape = '' if self.input_shape is None else f', input_shape={self.input_shape!r}'
+        return f'{type(self).__name__}(cut={self.cut!r}, attention={self.attention!r}{shape})'
 
     def copy(self) -> 'GraphCanonizer':
-        '''Return an unregistered copy of this canonizer, with the same cut and attention rules.'''
-        return type(self)(self.cut, self.attention)
+        '''Return an unregistered copy of this canonizer, with the same cut, attention rules and input shape.'''
+        return type(self)(self.cut, self.attention, self.input_shape)
 
     def apply(self, root_module: torch.nn.Module) -> List[Canonizer]:
         '''Canonize ``root_module`` in place; on failure, undo what was done and raise.
@@ -132,13 +144,13 @@ class GraphCanonizer(Canonizer):
             raise RuntimeError(f'{rewritten[0]!r} of {type(root_module).__name__} already has a rewritten forward (is '
                                'another canonizer still registered on this model? nested composite contexts are not '
                                'supported): remove it first')
-        compiled = compiled_for(root_module, self.attention)
+        compiled = compiled_for(root_module, self.attention, self.input_shape)
         cut = compiled.catalog.resolve(self._cut)
         modules = dict(root_module.named_modules())
         for name in compiled.merged:
             check_batch_norm(modules[name])
         self._warn(root_module, compiled)
-        instance = type(self)(attention=self.attention)
+        instance = type(self)(attention=self.attention, input_shape=self.input_shape)
         instances: List[Canonizer] = [instance]
         try:
             instance.register(root_module, modules, compiled)
@@ -156,11 +168,11 @@ class GraphCanonizer(Canonizer):
     def layer_cuts(self, root_module: torch.nn.Module, layers: Iterable[str]) -> Dict[str, Branches]:
         '''The cut that makes all relevance reaching the input pass through every one of ``layers``, as
         :py:meth:`canonizers.core.family.FamilyCanonizer.layer_cuts` (see :py:func:`graph_cuts_for`).'''
-        return compiled_for(root_module, self.attention).table.layer_cuts(list(layers))
+        return compiled_for(root_module, self.attention, self.input_shape).table.layer_cuts(list(layers))
 
     def blocks(self, root_module: torch.nn.Module) -> Dict[str, Tuple[str, ...]]:
         '''The names that cuts of ``root_module`` may use, and the branches of each.'''
-        return dict(compiled_for(root_module, self.attention).catalog.blocks)
+        return dict(compiled_for(root_module, self.attention, self.input_shape).catalog.blocks)
 
     @staticmethod
     def _warn(root_module: torch.nn.Module, compiled: Compiled) -> None:
@@ -196,6 +208,8 @@ class GraphCanonizer(Canonizer):
                     module = call_copy(modules[slot.source])
                 elif slot.kind == 'norm':
                     module = build_norm(slot.spec, root_module).train(root_module.training)
+                elif slot.kind == 'functional':
+                    module = slot.spec.build(root_module)
                 elif slot.kind == 'projections':
                     module = AttentionProjections(modules[slot.source], self.attention == 'attnlrp').train(
                         root_module.training)
@@ -203,7 +217,10 @@ class GraphCanonizer(Canonizer):
                     module = thresholds[slot.source] if slot.kind == 'threshold' else slot.build()
                     module.train(root_module.training)
                 patch.set_attribute(modules[slot.holder], slot.attribute, module)
-            patch.set_attribute(root_module, 'forward', compiled.program.forward.__get__(root_module))
+            forward = compiled.program.forward
+            if compiled.specialized is not None:
+                forward = only_for(forward, *compiled.specialized)
+            patch.set_attribute(root_module, 'forward', forward.__get__(root_module))
             REWRITTEN.claim(patch, root_module)
         except BaseException:
             patch.undo()
@@ -254,8 +271,35 @@ class GraphCanonizer(Canonizer):
         self.modules = {}
 
 
+def shape_of(input_shape: Optional[Sequence[int]]) -> Optional[Tuple[int, ...]]:
+    '''``input_shape`` as a tuple, checked: a sequence of positive integers, or None.'''
+    if input_shape is None:
+        return None
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) or not input_shape or not all(
+            isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in input_shape):
+        raise ValueError(f'input_shape={input_shape!r}: must be a sequence of positive integers, the shape of the '
+                         'inputs with the batch size first, such as (1, 3, 224, 224)')
+    return tuple(input_shape)
+
+
+def only_for(forward: Callable, shape: torch.Size, dtype: torch.dtype) -> Callable:
+    '''``forward``, refusing inputs of any shape or dtype but the ones its graph is specialized to.'''
+    def specialized(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        data = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(data, torch.Tensor) or data.shape != shape or data.dtype != dtype:
+            tensor = isinstance(data, torch.Tensor)
+            got = f'shape {tuple(data.shape)} and {data.dtype}' if tensor else type(data).__name__
+            advice = f'input_shape={tuple(data.shape)}, ' if tensor else ''
+            raise ValueError(f'{type(self).__name__} is canonized by GraphCanonizer(input_shape={tuple(shape)}) for '
+                             f'inputs of that shape and {dtype} alone (its forward branches on shapes), not for '
+                             f'{got}: canonize it with {advice}the model in the dtype of the input')
+        return forward(self, *args, **kwargs)
+    return specialized
+
+
 def graph_cuts_for(model: torch.nn.Module, conditions: Sequence[Mapping[str, object]],
-                   output: str = 'y', attention: str = 'cp-lrp') -> List[Dict[str, Branches]]:
+                   output: str = 'y', attention: str = 'cp-lrp',
+                   input_shape: Optional[Sequence[int]] = None) -> List[Dict[str, Branches]]:
     '''For each CRP condition, the cut of :py:class:`GraphCanonizer` that makes all relevance reaching the input pass
     through every conditioned layer: every input of a merge after a conditioned layer that does not depend on it.
 
@@ -270,6 +314,8 @@ def graph_cuts_for(model: torch.nn.Module, conditions: Sequence[Mapping[str, obj
     attention: str
         The treatment of attention of the canonizer the cuts are for (under AttnLRP relevance also flows through
         queries and keys).
+    input_shape: tuple of int, optional
+        The ``input_shape`` of the canonizer the cuts are for (models whose forward branches on shapes).
 
     Returns
     -------
@@ -284,5 +330,5 @@ def graph_cuts_for(model: torch.nn.Module, conditions: Sequence[Mapping[str, obj
         canonized or computes a constant gate, relevance can go around a layer through an operation that cannot be
         cut, or two layers of one condition lie in parallel paths.
     '''
-    table = compiled_for(model, attention).table
+    table = compiled_for(model, attention, shape_of(input_shape)).table
     return [table.layer_cuts([name for name in condition if name != output]) for condition in conditions]

@@ -1,6 +1,6 @@
 '''Everything the graph canonizer derives from a model's structure, computed once per model and cached.'''
 import weakref
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx
@@ -12,6 +12,7 @@ from .analysis import Analysis
 from .batchnorms import BatchNormPlan
 from .conservation import Operation, find, relevance_path
 from .cutting import CutTable
+from .functional import split_computed_biases
 from .modules import elementwise_activation, leaf_activation
 from .program import Program
 from .tracer import TraceFailure, trace
@@ -32,19 +33,31 @@ class Compiled:
         The model (in its uncanonized state); it is traced, not changed.
     attention: str
         The treatment of attention (:py:data:`canonizers.graph.canonizer.ATTENTION_RULES`).
+    input_shape: tuple of int, optional
+        The shape of the inputs to specialize the graph to where the forward branches on shapes (``input_shape``
+        of :py:class:`~canonizers.GraphCanonizer`).
+
+    Attributes
+    ----------
+    specialized: (:py:obj:`torch.Size`, :py:obj:`torch.dtype`) or None
+        The shape and dtype of the only inputs the compiled forward takes, where the graph is specialized to them.
 
     Raises
     ------
     ValueError
         If ``torch.fx`` cannot trace the model; the message quotes the tracing error.
     '''
-    def __init__(self, model: torch.nn.Module, attention: str = 'cp-lrp') -> None:
+    def __init__(self, model: torch.nn.Module, attention: str = 'cp-lrp',
+                 input_shape: Optional[Tuple[int, ...]] = None) -> None:
+        example = None if input_shape is None else example_input(model, input_shape)
         try:
-            graph, self.constants, opaque = trace(model)
+            graph, self.constants, opaque, specialized = trace(model, example)
         except TraceFailure as failure:
             raise ValueError(f'GraphCanonizer cannot canonize {type(model).__name__}: {failure}. Make its forward '
                              f'traceable (no control flow on tensor values), or use a family canonizer if one fits '
                              f'({FAMILIES})') from failure.cause
+        self.specialized = (example.shape, example.dtype) if specialized and example is not None else None
+        split_computed_biases(graph)
         analysis = Analysis(model, graph)
         #: modules kept whole, with parallel paths inside them out of reach
         self.whole = [node.target for node in analysis.nodes if isinstance(analysis.module(node), opaque)
@@ -117,23 +130,41 @@ class Compiled:
 _CACHE: 'weakref.WeakKeyDictionary[torch.nn.Module, Tuple[Any, Dict[str, Compiled]]]' = weakref.WeakKeyDictionary()
 
 
-def compiled_for(model: torch.nn.Module, attention: str = 'cp-lrp') -> Compiled:
-    '''The :py:class:`Compiled` of ``model`` under the treatment of attention ``attention``, computed once per model
-    (again when its modules change).'''
+def example_input(model: torch.nn.Module, shape: Tuple[int, ...]) -> torch.Tensor:
+    '''A random input of ``shape`` in the dtype and on the device of the model's parameters (float32 on the CPU
+    where it has none), from a generator of its own: the global random state is left alone.'''
+    tensors = [tensor for tensor in list(model.parameters()) + list(model.buffers()) if tensor.is_floating_point()]
+    dtype = tensors[0].dtype if tensors else torch.float32
+    device = tensors[0].device if tensors else torch.device('cpu')
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device)
+
+
+def compiled_for(model: torch.nn.Module, attention: str = 'cp-lrp',
+                 input_shape: Optional[Tuple[int, ...]] = None) -> Compiled:
+    '''The :py:class:`Compiled` of ``model`` under the treatment of attention ``attention`` (for inputs of
+    ``input_shape`` where the graph must be specialized to one), computed once per model (again when its modules
+    change).'''
+    variant = (attention, None if input_shape is None else tuple(input_shape))
     cached = _CACHE.get(model)
     if cached is not None and model in REWRITTEN:
         # canonized by a graph canonizer (which claims the model itself): its modules are not the model's own now
-        if attention not in cached[1]:
+        if input_shape is None:
+            # the one in use, whatever input shape it was given
+            variant = next((entry for entry in cached[1] if entry[0] == attention), variant)
+        if variant not in cached[1]:
+            attention_in_use, shape_in_use = next(iter(cached[1]))
             raise RuntimeError(f'{type(model).__name__} is canonized by a GraphCanonizer with attention='
-                               f'{next(iter(cached[1]))!r}: remove it before asking for attention={attention!r}')
-        return cached[1][attention]
+                               f'{attention_in_use!r}, input_shape={shape_in_use!r}: remove it before asking for '
+                               f'attention={attention!r}, input_shape={variant[1]!r}')
+        return cached[1][variant]
     key = tuple((id(module), type(module)) for module in model.modules())
     if cached is None or cached[0] != key:
         cached = (key, {})
         _CACHE[model] = cached
-    if attention not in cached[1]:
-        cached[1][attention] = Compiled(model, attention)
-    return cached[1][attention]
+    if variant not in cached[1]:
+        cached[1][variant] = Compiled(model, attention, variant[1])
+    return cached[1][variant]
 
 
 def clear_cache(model: torch.nn.Module) -> None:

@@ -325,7 +325,8 @@ def warn(model: str, operations: Sequence[Operation], stacklevel: int = 3) -> No
             places = listing([operation.place for operation in members], quote=True)
             message = (f'GraphCanonizer keeps {places} of {model} whole: torch.fx cannot trace through them (timm '
                        'marks them not traceable), so paths inside them are neither canonized nor cut, and relevance '
-                       'through them is not conserved')
+                       'through them is not conserved; where they branch on shapes, GraphCanonizer(input_shape=...) '
+                       'traces through them for inputs of that shape')
         elif kind == 'merge':
             message = (f'GraphCanonizer leaves {count(members, "operation")} of parallel paths of {model} as they are '
                        f'(no rule applies to them, and they cannot be cut; relevance is not conserved): {places}')

@@ -1,7 +1,7 @@
 '''Modules and functions that the graph canonizer puts into a traced forward.'''
 import collections
 import copy
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from zennit.layer import Sum
@@ -192,6 +192,57 @@ class FoldSum(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ', '.join(f'{key}={value}' for key, value in self.options.items())
+
+
+class FunctionalLayer(NamedTuple):
+    '''A linear layer or convolution the forward calls as a function on a weight (and bias) the model holds
+    (``F.linear(x, self.weight)``, TResNet's blur ``F.conv2d(x, self.filt, groups=C)`` on a buffer), to be called
+    as a module while canonized, so that the rules of zennit's linear layers apply to it.
+
+    Holds names, not tensors: :py:meth:`build` makes the module on the model's own tensors.
+
+    Attributes
+    ----------
+    kind: str
+        ``"linear"`` or ``"conv1d"``, ``"conv2d"``, ``"conv3d"``.
+    weight, bias: str
+        The names of the weight and the bias in the model (``""``: no bias).
+    options: tuple of (str, object)
+        The convolution's stride, padding, dilation and groups.
+    '''
+    kind: str
+    weight: str
+    bias: str
+    options: Tuple[Tuple[str, Any], ...] = ()
+
+    def build(self, model: torch.nn.Module) -> torch.nn.Module:
+        '''The module, on the model's tensors: parameters themselves (gradients reach them), buffers as parameters
+        that share their storage and need no gradient (zennit's rules modify parameters only).'''
+        weight = _parameter(_attribute_of(model, self.weight))
+        bias = _parameter(_attribute_of(model, self.bias)) if self.bias else None
+        if self.kind == 'linear':
+            module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device='meta')
+        else:
+            options = dict(self.options)
+            layer = {'conv1d': torch.nn.Conv1d, 'conv2d': torch.nn.Conv2d, 'conv3d': torch.nn.Conv3d}[self.kind]
+            module = layer(weight.shape[1] * options['groups'], weight.shape[0], tuple(weight.shape[2:]), bias=False,
+                           device='meta', **options)
+        module.weight = weight
+        module.bias = bias
+        return module.eval()
+
+
+def _attribute_of(model: torch.nn.Module, name: str) -> torch.Tensor:
+    value: Any = model
+    for atom in name.split('.'):
+        value = getattr(value, atom)
+    return value
+
+
+def _parameter(tensor: torch.Tensor) -> torch.nn.Parameter:
+    if isinstance(tensor, torch.nn.Parameter):
+        return tensor
+    return torch.nn.Parameter(tensor, requires_grad=False)
 
 
 def call_forward_hooks(module: torch.nn.Module, args: Tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:

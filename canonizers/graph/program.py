@@ -2,7 +2,7 @@
 modules, its gates constant, its functional operations as modules, and the forward hooks of the blocks it inlines
 still called.'''
 import copy
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -21,7 +21,7 @@ from ..core.masked_sum import MaskedSum
 from ..core.products import SoftmaxRule, UniformProduct
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
-from .modules import MaskedConcatenation, Scale, call_forward_hooks, call_unhooked, stack_summands
+from .modules import FunctionalLayer, MaskedConcatenation, Scale, call_forward_hooks, call_unhooked, stack_summands
 from .transformer import NormSpec, Transformer
 
 
@@ -38,16 +38,16 @@ class Slot(NamedTuple):
         ``"sum"``, ``"concatenation"``, ``"gate"``, ``"module"`` (a copy of ``prototype``), ``"threshold"`` (the
         threshold ReLU of the pre-activation batch norm ``source``), ``"call"`` (the module ``source`` again, for
         one more place the forward calls it: :py:func:`~canonizers.graph.modules.call_copy`), ``"norm"`` (the
-        normalization ``spec`` with its factor constant) or ``"projections"`` (the input projections of the
-        attention module ``source``).
+        normalization ``spec`` with its factor constant), ``"projections"`` (the input projections of the
+        attention module ``source``) or ``"functional"`` (the layer ``spec`` on the model's weight).
     merge: int
         The number of the merge whose mask it holds (sums and concatenations), else -1.
     prototype: :py:obj:`torch.nn.Module`, optional
         The module to copy (kind ``"module"``), or the concatenation's settings.
     source: str
         The batch norm whose threshold ReLU this is (kind ``"threshold"``), or the module called again (``"call"``).
-    spec: :py:class:`~canonizers.graph.transformer.NormSpec`, optional
-        The normalization (kind ``"norm"``).
+    spec: :py:class:`~canonizers.graph.transformer.NormSpec` or :py:class:`~canonizers.graph.modules.FunctionalLayer`
+        The normalization (kind ``"norm"``) or the functional layer (``"functional"``).
     '''
     holder: str
     attribute: str
@@ -55,7 +55,7 @@ class Slot(NamedTuple):
     merge: int = -1
     prototype: Optional[torch.nn.Module] = None
     source: str = ''
-    spec: Optional[NormSpec] = None
+    spec: Optional[Union[NormSpec, FunctionalLayer]] = None
 
     @property
     def path(self) -> str:
@@ -209,6 +209,8 @@ class Program:
         for node, module in analysis.conversions.items():
             if node in thresholds:
                 slot = self._slot(analysis.holder(node), 'canonizer_relu', 'threshold', source=thresholds[node])
+            elif isinstance(module, FunctionalLayer):
+                slot = self._slot(analysis.holder(node), f'canonizer_{module.kind}', 'functional', spec=module)
             else:
                 slot = self._slot(analysis.holder(node), f'canonizer_{type(module).__name__.lower()}', 'module',
                                   prototype=module)
