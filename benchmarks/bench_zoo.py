@@ -317,6 +317,7 @@ def measure(entry: Entry) -> Dict[str, Any]:
             status=report.status, verdict=report.verdict, traced=report.traced,
             forward_float32=report.forward_float32, forward_float64=report.forward_float64,
             conservation=report.conservation, kinds={kind: len(places) for kind, places in kinds.items()},
+            cancels=report.cancels and bool(report.forward_float64 is not None) and not report.operations,
             exit_code=report.exit_code)
         if report.status == 'refused':
             result['fx_traces'] = traces(model)
@@ -378,7 +379,8 @@ def number(value: Optional[float]) -> str:
 def silent(result: Dict[str, Any]) -> bool:
     '''Conservation lost while the report names no operation without a conserving rule.'''
     conservation = result.get('conservation')
-    return conservation is not None and abs(conservation - 1) > CONSERVED and not result.get('kinds')
+    lost = conservation is not None and abs(conservation - 1) > CONSERVED
+    return lost and not result.get('kinds') and not result.get('cancels')
 
 
 def refused_tracing(result: Dict[str, Any]) -> bool:
@@ -392,6 +394,8 @@ def row(entry: Entry, result: Dict[str, Any]) -> List[str]:
     kinds = ', '.join(f'{kind} ({places})' for kind, places in result.get('kinds', {}).items())
     if silent(result):
         kinds = '**none (silent)**'
+    elif result.get('cancels'):
+        kinds = 'none (relevance cancels beyond float64)'
     status = result['status']
     verdict = result.get('verdict', '')
     if status == 'broken':

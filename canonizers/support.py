@@ -31,6 +31,9 @@ EXIT_CODES = {SUPPORTED: 0, NOT_CONSERVATIVE: 1, REFUSED: 2}
 FORWARD_TOLERANCE = 1e-10
 #: the largest ``|R_in / R_out - 1|`` of the bias-free float64 copy that counts as conserved
 CONSERVATION_TOLERANCE = 1e-6
+#: the conservation error that float64 rounding can explain, per unit of cancellation (sum |R_in| / |R_out|): the
+#: unit roundoff 1.1e-16 times a generous 1e3 for the many operations each relevance passes
+ROUNDING_EXPLAINS = 1e-13
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ class SupportReport:
     conservation: float, optional
         ``R_in / R_out`` of a bias-free float64 copy under an epsilon-only composite
         (:py:func:`canonizers.evaluation.conservation_composite`); 1 is exact.
+    cancellation: float, optional
+        ``sum |R_in| / |R_out|`` of the same: how much larger the relevances are than what they add up to. Where
+        float64 rounding of that size explains the conservation error (:py:data:`ROUNDING_EXPLAINS`), the error is
+        the measurement's, and the verdict says so.
     notes: list of str
         What could not be measured, and why.
     input_shape: tuple of int, optional
@@ -100,10 +107,20 @@ class SupportReport:
     forward_float32: Optional[float] = None
     forward_float64: Optional[float] = None
     conservation: Optional[float] = None
+    cancellation: Optional[float] = None
     notes: List[str] = field(default_factory=list)
     input_shape: Optional[Tuple[int, ...]] = None
     status: str = REFUSED
     verdict: str = ''
+
+    @property
+    def cancels(self) -> bool:
+        '''Whether conservation is lost (beyond :py:data:`CONSERVATION_TOLERANCE`) by no more than float64 rounding
+        explains, given how much the relevances cancel (:py:attr:`cancellation`).'''
+        if self.conservation is None or self.cancellation is None:
+            return False
+        error = abs(self.conservation - 1)
+        return CONSERVATION_TOLERANCE < error <= ROUNDING_EXPLAINS * self.cancellation
 
     @property
     def exit_code(self) -> int:
@@ -137,7 +154,8 @@ class SupportReport:
                              f'float64 {_number(self.forward_float64)}')
             if self.conservation is not None:
                 lines.append(f'conservation (bias-free float64 copy, epsilon-only composite): R_in / R_out = '
-                             f'{self.conservation:.12g} (|error| {abs(self.conservation - 1):.1e})')
+                             f'{self.conservation:.12g} (|error| {abs(self.conservation - 1):.1e}; sum |R_in| / '
+                             f'|R_out| = {self.cancellation:.3g})')
         lines += [f'note: {note}' for note in self.notes]
         lines.append(f'verdict: {self.verdict}')
         return '\n'.join(lines)
@@ -318,7 +336,9 @@ def _conservation(model: torch.nn.Module, data: torch.Tensor, report: SupportRep
     if output.flatten()[target] == 0:
         report.notes.append('conservation not measured: the explained output of the bias-free copy is 0')
         return None
-    return relevance.sum().item() / output.flatten()[target].item()
+    explained = output.flatten()[target].item()
+    report.cancellation = relevance.abs().sum().item() / abs(explained)
+    return relevance.sum().item() / explained
 
 
 def _judge(report: SupportReport) -> None:
@@ -334,6 +354,13 @@ def _judge(report: SupportReport) -> None:
         report.verdict = 'exact, relevance not conserved at ' + '; '.join(
             f'{count(members, "place")} of {kind} ({listing([member.describe() for member in members], 2)})'
             for kind, members in kinds.items())
+    elif not conserved and report.cancels:
+        report.status = NOT_CONSERVATIVE
+        report.verdict = (f'exact; conservation cannot be measured in float64 (R_in / R_out = '
+                          f'{report.conservation:.6g}): relevance cancels, its absolute sum is '
+                          f'{report.cancellation:.1e} times the explained output, so rounding alone accounts for the '
+                          'error (no operation without a conserving rule was found; trained weights or a larger '
+                          'epsilon cancel less)')
     elif not conserved:
         report.status = NOT_CONSERVATIVE
         measured = 'not measured' if report.conservation is None else f'R_in / R_out = {report.conservation:.6g}'

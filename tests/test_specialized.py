@@ -149,3 +149,53 @@ def test_timm_modules_that_branch_on_shapes_are_traced_through():
     report = check(model, example)
     assert report.status == 'supported' and report.operations == [], report.verdict
     assert abs(report.conservation - 1) <= 1e-9 and report.forward_float64 <= 1e-12
+
+
+class PositionalAttention(torch.nn.Module):
+    '''Attention whose logits get relative positions computed from the queries written into a slice, as MViTv2's
+    ``attn[:, :, 1:, 1:] = ...`` (an item assignment, which only the shape-specialized trace takes).'''
+    def __init__(self, channels: int = 8, tokens: int = 10) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(channels, 3 * channels)
+        self.positions = torch.nn.Parameter(torch.randn(tokens - 1, channels) * 0.3)
+        self.proj = torch.nn.Linear(channels, channels)
+        self.head = torch.nn.Linear(channels, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = q @ k.transpose(-2, -1)
+        attn[:, 1:, 1:] = attn[:, 1:, 1:] + q[:, 1:] @ self.positions.transpose(0, 1)
+        x = x + self.proj(attn.softmax(dim=-1) @ v)
+        return self.head(x.mean(1))
+
+
+def test_item_assignments_are_traced_and_named_where_relevance_flows_through_them():
+    from canonizers.graph.compiled import compiled_for
+
+    torch.manual_seed(0)
+    model = PositionalAttention().double().eval().requires_grad_(False)
+    example = torch.randn(1, 10, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = model(example)
+    # under CP-LRP the logits carry no relevance: nothing to name, and relevance is conserved
+    assert compiled_for(model, 'cp-lrp', tuple(example.shape)).operations == []
+    report = check(model, example)
+    assert report.status == 'supported' and abs(report.conservation - 1) <= 1e-9, report.verdict
+    instances = GraphCanonizer(input_shape=example.shape).apply(model)
+    assert relative_error(model(example), exact) <= 1e-12
+    for instance in instances:
+        instance.remove()
+    # under AttnLRP they do, and the gradient passes the assignment: named
+    operations = compiled_for(model, 'attnlrp', tuple(example.shape)).operations
+    assert [(operation.name, operation.kind) for operation in operations] == [('setitem', 'function')]
+
+
+def test_cuts_for_takes_the_input_shape():
+    pytest.importorskip('crp')
+    from canonizers.crp import cuts_for
+
+    model = make()
+    with pytest.raises(ValueError, match='torch.fx cannot trace'):
+        cuts_for(model, [{'mixer.mix': [0], 'y': [1]}])
+    cut, = cuts_for(model, [{'mixer.mix': [0], 'y': [1]}], input_shape=SHAPE)
+    # relevance around the mixing layer goes through the residual's other input: cut
+    assert cut and cut == GraphCanonizer(input_shape=SHAPE).layer_cuts(model, ['mixer.mix'])

@@ -445,3 +445,23 @@ def test_tracing_fills_no_cache_of_the_model_and_takes_optional_arguments_at_the
     assert_untouched(model, before)
     assert torch.equal(copy.deepcopy(model)(data()), reference)
     assert check(model, data()).status == 'supported'
+
+
+
+def test_conservation_lost_to_cancellation_is_told_apart():
+    # TinyViT with random weights: its relevances grow about tenfold per block backwards, with alternating signs,
+    # while adding up to the output: float64 keeps no digit of the sum at the input (R_in / R_out about -2e4)
+    torch.manual_seed(0)
+    model = randomize_batch_norms(timm.create_model('tiny_vit_5m_224', pretrained=False, num_classes=10))
+    report = check(model, torch.randn(1, 3, 64, 64))
+    assert report.operations == [] and report.forward_float64 <= 1e-12
+    assert report.cancellation > 1e15 and abs(report.conservation - 1) > 1
+    assert report.cancels and report.status == 'not conservative' and 'relevance cancels' in report.verdict
+
+
+def test_an_error_that_rounding_cannot_explain_is_still_reported():
+    # rounding of relevances 10 times their sum explains an error of 1e-12, not 0.5: that is reported as lost
+    for ratio, cancellation, cancels in ((1.5, 10., False), (1. + 1e-12, 10., False), (1. + 1e-7, 1e3, False),
+                                         (-15., 1e18, True), (1. + 1e-5, 1e9, True)):
+        report = SupportReport('Model', traced=True, forward_float64=0., conservation=ratio, cancellation=cancellation)
+        assert report.cancels is cancels, (ratio, cancellation)

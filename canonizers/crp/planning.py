@@ -75,6 +75,7 @@ def cuts_for(
     model: torch.nn.Module,
     conditions: Sequence[Condition],
     output_name: str = MODEL_OUTPUT_NAME,
+    input_shape: Optional[Sequence[int]] = None,
 ) -> List[Dict[str, str]]:
     '''The cuts that isolate each CRP condition: all relevance reaching the input passes through every conditioned
     layer.
@@ -97,6 +98,9 @@ def cuts_for(
         ``{"layer3.0.conv1": [5], "y": [3]}``.
     output_name: str, optional
         The key of the model output in the conditions, which is not a layer (CRP's ``MODEL_OUTPUT_NAME``).
+    input_shape: sequence of int, optional
+        The ``input_shape`` of :py:class:`~canonizers.GraphCanonizer` for models whose forward branches on shapes
+        (the cuts are then those of the model traced for that shape).
 
     Returns
     -------
@@ -116,7 +120,7 @@ def cuts_for(
         # any other model torch.fx can trace: the general rule of the graph canonizer
         from ..graph import graph_cuts_for
 
-        return graph_cuts_for(model, conditions, output_name)
+        return graph_cuts_for(model, conditions, output_name, input_shape=input_shape)
     return _LayerCuts(model, families)(conditions, output_name)
 
 

@@ -241,7 +241,16 @@ def find(analysis: Analysis, merged: Iterable[str], unmerged: Dict[str, str], wh
         handled |= transformer.handled()
     unsupported = {node: reason for node, reason, _ in analysis.unsupported}
     operations: Dict[Tuple[str, str], Operation] = {}
-    for node in relevance_path(analysis, transformer) if path is None else path:
+    path = relevance_path(analysis, transformer) if path is None else path
+    on_path = set(path)
+    for node in analysis.nodes:
+        # an assignment into a tensor on the relevance path (MViTv2's relative positions, under AttnLRP) that writes
+        # a signal: the data flow does not show it, the gradient passes through it
+        if node.op == 'call_function' and node.target is operator.setitem and len(node.args) == 3 and (
+                node.args[0] in on_path) and node.args[2] in analysis.signals:
+            operation = Operation(analysis.holder(node), 'setitem', 'function')
+            operations.setdefault(operation, operation)
+    for node in path:
         if node in handled:
             continue
         if node in unsupported:

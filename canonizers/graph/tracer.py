@@ -3,6 +3,7 @@ and nothing left behind on the model.'''
 import collections
 import copy
 import inspect
+import operator
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -96,6 +97,11 @@ class ShapeProxy(torch.fx.Proxy):
 
     def _method(self, name: str) -> Any:
         return self.tracer.create_proxy('call_method', name, (self,), {})
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # an assignment into a slice (MViTv2's relative positions added to the attention logits): a node of the
+        # graph, which torch.fx keeps as it has an effect (the analysis reports it where relevance flows)
+        self.tracer.create_proxy('call_function', operator.setitem, (self, key, value), {})
 
 
 class ShapeTracer(LeafTracer):
