@@ -129,3 +129,17 @@ def test_explain_isolates_feature_concepts_of_vision_transformers(tmp_path, mode
         assert float(row['max_deviation']) <= ROUNDING
         assert row['cut'] and float(row['leaked_share']) > 0.1
     assert 'deviates from CRP' not in stdout
+
+
+def test_explain_does_not_warn_where_the_general_trace_conserves_as_well():
+    # timm's Swin keeps its window functions as leaves in the general trace: check traces through them for the shape,
+    # explain does not, and loses nothing by it
+    model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, num_classes=10, img_size=64,
+                              window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1)).eval()
+    data = torch.randn(1, 3, 64, 64)
+    from canonizers import check
+    from canonizers.cli.checking import verdict_warning
+
+    report = check(model, data)
+    assert report.supported and report.input_shape == (1, 3, 64, 64), report.verdict
+    assert verdict_warning(model, data) is None

@@ -55,10 +55,21 @@ def verdict_warning(model: torch.nn.Module, data: torch.Tensor) -> Optional[str]
 
     report = check(model, data[:1])
     if report.supported and report.input_shape is not None:
-        # check traced it for one input shape; explain canonizes it for any, with the modules that branch kept whole
+        # check traced it for one input shape; explain canonizes it for any, where timm's modules and functions that
+        # branch on shapes stay whole: warned about where that loses relevance (timm's Swin keeps no loss there)
+        from ..graph.compiled import compiled_for
+        from ..graph.conservation import listing
+
+        try:
+            whole = [operation.describe() for operation in compiled_for(model).operations]
+        except ValueError as error:
+            whole = [str(error).splitlines()[0]]
+        if not whole:
+            return None
         return (f'warning: {report.model} branches on shapes, and explain keeps the modules and functions that do '
-                'whole (relevance through them is not conserved, paths inside them are not cut); canonizers check '
-                f'traces it for one input shape, as GraphCanonizer(input_shape={report.input_shape}) does')
+                f'whole ({listing(whole, 2)}; relevance through them is not conserved, paths inside them are not '
+                f'cut); canonizers check traces it for one input shape, as GraphCanonizer(input_shape='
+                f'{report.input_shape}) does')
     if report.supported:
         return None
     return f'warning: {report.verdict} (see: canonizers check)'
