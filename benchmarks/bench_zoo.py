@@ -317,7 +317,7 @@ def measure(entry: Entry) -> Dict[str, Any]:
             status=report.status, verdict=report.verdict, traced=report.traced,
             forward_float32=report.forward_float32, forward_float64=report.forward_float64,
             conservation=report.conservation, kinds={kind: len(places) for kind, places in kinds.items()},
-            cancels=report.cancels and bool(report.forward_float64 is not None) and not report.operations,
+            cancels=report.cancels and not report.operations,
             exit_code=report.exit_code)
         if report.status == 'refused':
             result['fx_traces'] = traces(model)

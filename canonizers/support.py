@@ -22,7 +22,7 @@ from .evaluation import conservation_composite, relative_error
 from .graph import GraphCanonizer
 from .graph.compiled import Compiled, compiled_for
 from .graph.conservation import KINDS, Operation, by_kind, count, listing
-from .graph.transformer import attribute_at
+from .graph.modules import attribute_at
 
 #: statuses, and the exit status of ``canonizers check`` for each
 SUPPORTED, NOT_CONSERVATIVE, REFUSED = 'supported', 'not conservative', 'refused'

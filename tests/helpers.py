@@ -105,6 +105,10 @@ def relevant_channel(model, data, layer, target, composite):
     return int(result.relevances[layer][0].flatten(1).sum(1).abs().argmax())
 
 
+#: the seed of fresh demo images: training used seeds 0..9 and the script's test set seed 10_000
+FRESH_SEED = 31_337
+
+
 def accuracy(model, count, seed):
     '''The share of ``count`` freshly generated shape images (``seed``) that ``model`` classifies correctly.'''
     from canonizers.demo import make_dataset

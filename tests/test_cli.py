@@ -26,22 +26,13 @@ pytest.importorskip('crp')
 pytest.importorskip('matplotlib')
 
 # the command line's code is the same on every zennit version, whose rules the other modules test: run once
-pytestmark = pytest.mark.once
+pytestmark = [pytest.mark.once, pytest.mark.usefixtures('single_thread')]
 
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = 'layer2.0.conv1'
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[None, :, None, None]
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[None, :, None, None]
-
-
-@pytest.fixture(scope='module', autouse=True)
-def single_thread():
-    '''Run single-threaded: the machine's cores are shared, and more threads only slow torch down.'''
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(*argv):

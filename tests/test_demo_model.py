@@ -1,26 +1,15 @@
 """Tests of the embedded demo model and its synthetic shape generator."""
-from collections.abc import Iterator
 from importlib import resources
 
 import pytest
 import torch
-from helpers import accuracy
+from helpers import FRESH_SEED, accuracy
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from canonizers.demo import CLASSES, WEIGHTS_FILE, DemoResNet, load_demo_model, make_dataset, sample_images
 
-# training used seeds 0..9 and the script's test set seed 10_000; this one is unused by both
-FRESH_SEED = 31_337
-
-
-@pytest.fixture(scope='module', autouse=True)
-def single_thread() -> Iterator[None]:
-    """Run single-threaded: the many small tensor ops of the generator slow down badly on busy, shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 @pytest.fixture(scope='module')

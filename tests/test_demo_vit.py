@@ -1,11 +1,10 @@
 """Tests of the embedded demo ViT: accuracy, size, and that GraphCanonizer explains it exactly, conservatively and
 with isolated CRP concepts on the feature dimension (FeatureConcept) equal to CRP's exclude_parallel=True."""
-from collections.abc import Iterator
 from importlib import resources
 
 import pytest
 import torch
-from helpers import accuracy, relative_error
+from helpers import FRESH_SEED, accuracy, relative_error
 from torchvision.models import VisionTransformer
 from zennit.composites import EpsilonPlusFlat
 
@@ -15,26 +14,17 @@ from canonizers.demo import CLASSES, VIT_WEIGHTS_FILE, DemoViT, load_demo_vit, s
 crp_attribution = pytest.importorskip('crp.attribution')
 from canonizers.crp import FeatureConcept, IsolatingCondAttribution, cuts_for  # noqa: E402
 
-# training used seeds 0..9 and the script's test set seed 10_000; this one is unused by both
-FRESH_SEED = 31_337
 #: a layer inside the residual branch of an encoder layer, and one of its output, around which nothing is cut
 MLP_LAYER = 'encoder.layers.encoder_layer_2.mlp.0'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def single_thread() -> Iterator[None]:
-    """Run single-threaded: the many small tensor ops of the generator slow down badly on busy, shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 @pytest.fixture(scope='module')
 def demo_vit() -> DemoViT:
     """The shipped demo ViT in eval mode."""
     return load_demo_vit()
-
 
 
 def test_accuracy_on_fresh_images(demo_vit: DemoViT) -> None:

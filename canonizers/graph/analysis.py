@@ -5,7 +5,7 @@ Dependencies are bit sets over the nodes (Python integers): bit ``i`` of ``ances
 numbered ``i`` lies on a path into ``node`` (the node itself included).
 '''
 import operator
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.fx
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from zennit.layer import Sum
 
 from ..core.tracing import is_size, modules_of
-from .functional import functional_layer
-from .modules import FoldSum, GlobalMeanPool, SumReduction
+from .functional import call_argument, functional_layer
+from .modules import FoldSum, FunctionalLayer, GlobalMeanPool, SumReduction
 
 _SUMS = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
 #: differences of two paths, which are sums of the first and the negated second (not in place)
@@ -35,17 +35,10 @@ _ADAPTIVE_POOLS = (torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch
                    torch.nn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d)
 
 
-def _keyword(node: torch.fx.Node, position: int, name: str, default=None):
-    '''Argument ``name`` of a call, given at ``position`` (counting the input as 0) or as a keyword.'''
-    if len(node.args) > position:
-        return node.args[position]
-    return node.kwargs.get(name, default)
-
-
 def _activation(factory: Callable[..., torch.nn.Module], names: Sequence[str] = ()) -> Callable:
     '''A converter of a functional activation ``f(input, *names, inplace=...)`` to ``factory(*values)``.'''
     def convert(node: torch.fx.Node) -> Optional[torch.nn.Module]:
-        values = [_keyword(node, index + 1, name) for index, name in enumerate(names)]
+        values = [call_argument(node, index + 1, name) for index, name in enumerate(names)]
         values = [value for value in values if value is not None]
         return factory(*values)
     return convert
@@ -54,7 +47,7 @@ def _activation(factory: Callable[..., torch.nn.Module], names: Sequence[str] = 
 def _pool(factory: Callable[..., torch.nn.Module], names: Sequence[str]) -> Callable:
     '''A converter of a functional pooling ``f(input, *names)`` to ``factory(**values)``.'''
     def convert(node: torch.fx.Node) -> Optional[torch.nn.Module]:
-        values = {name: _keyword(node, index + 1, name) for index, name in enumerate(names)}
+        values = {name: call_argument(node, index + 1, name) for index, name in enumerate(names)}
         if values.get('return_indices'):
             return None
         return factory(**{name: value for name, value in values.items() if value is not None})
@@ -62,23 +55,23 @@ def _pool(factory: Callable[..., torch.nn.Module], names: Sequence[str]) -> Call
 
 
 def _global_mean(node: torch.fx.Node) -> Optional[torch.nn.Module]:
-    dims = _keyword(node, 1, 'dim')
+    dims = call_argument(node, 1, 'dim')
     if not _spatial(dims):
         return None
-    return GlobalMeanPool(dims, bool(_keyword(node, 2, 'keepdim', False)))
+    return GlobalMeanPool(dims, bool(call_argument(node, 2, 'keepdim', False)))
 
 
 def _sum_reduction(node: torch.fx.Node) -> Optional[torch.nn.Module]:
-    dims = _keyword(node, 1, 'dim')
-    if _keyword(node, 3, 'dtype') is not None or not (
+    dims = call_argument(node, 1, 'dim')
+    if call_argument(node, 3, 'dtype') is not None or not (
             dims is None or isinstance(dims, int) or (isinstance(dims, (tuple, list)) and all(
                 isinstance(dim, int) for dim in dims))):
         return None
-    return SumReduction(dims, bool(_keyword(node, 2, 'keepdim', False)))
+    return SumReduction(dims, bool(call_argument(node, 2, 'keepdim', False)))
 
 
 def _fold(node: torch.fx.Node) -> Optional[torch.nn.Module]:
-    options = {name: _keyword(node, index + 2, name, default) for index, (name, default) in enumerate(
+    options = {name: call_argument(node, index + 2, name, default) for index, (name, default) in enumerate(
         (('kernel_size', None), ('dilation', 1), ('padding', 0), ('stride', 1)))}
     return None if options['kernel_size'] is None else FoldSum(**options)
 
@@ -274,9 +267,9 @@ class Analysis:
             size = getattr(module, 'output_size', None)
             return isinstance(module, _ADAPTIVE_POOLS) and size in (1, (1, 1), (1, 1, 1), [1, 1])
         if node.op == 'call_function' and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-            return _keyword(node, 1, 'output_size') in (1, (1, 1), [1, 1])
+            return call_argument(node, 1, 'output_size') in (1, (1, 1), [1, 1])
         if node.target in ('mean', 'amax', torch.mean, torch.amax) and node.op in ('call_method', 'call_function'):
-            return _spatial(_keyword(node, 1, 'dim'))
+            return _spatial(call_argument(node, 1, 'dim'))
         return False
 
     def statistic(self, node: torch.fx.Node) -> bool:
@@ -368,7 +361,7 @@ class Analysis:
         tensors = node.args[0] if node.args else node.kwargs.get('tensors')
         if len(self.signal_inputs(node)) < 2:
             return
-        dim = _keyword(node, 1, 'dim', 0)
+        dim = call_argument(node, 1, 'dim', 0)
         if not isinstance(tensors, (list, tuple)) or not all(isinstance(arg, torch.fx.Node) for arg in tensors) or (
                 not isinstance(dim, int)) or set(node.kwargs) - {'dim', 'tensors'}:
             self._unsupported(node, f'{target_name(node)} of tensors it cannot mask')
@@ -422,8 +415,8 @@ class Analysis:
                    for pool in self.pools | self.statistics)
 
     # --- functional operations as modules --------------------------------------------------------------------------
-    def _find_conversions(self) -> Dict[torch.fx.Node, torch.nn.Module]:
-        conversions: Dict[torch.fx.Node, torch.nn.Module] = {}
+    def _find_conversions(self) -> Dict[torch.fx.Node, Union[torch.nn.Module, FunctionalLayer]]:
+        conversions: Dict[torch.fx.Node, Union[torch.nn.Module, FunctionalLayer]] = {}
         gate_nodes = {gate.node for gate in self.gates}
         # the sigmoid of a swish goes with its product, unless something else uses it too
         swish_sigmoids = {sigmoid for _, sigmoid in self.swishes.values() if len(sigmoid.users) == 1}
@@ -450,7 +443,7 @@ class Analysis:
             if inplace and len(input.users) > 1:
                 continue
             inputs = _RUNTIME_ARGUMENTS.get(node.target, ())
-            runtime = {name: _keyword(node, position, name) for name, position in inputs}
+            runtime = {name: call_argument(node, position, name) for name, position in inputs}
             options = [arg for position, arg in enumerate(node.args[1:], 1) if position not in dict(inputs).values()]
             options += [value for key, value in node.kwargs.items() if key not in runtime]
             if any(isinstance(arg, torch.fx.Node) for arg in options):

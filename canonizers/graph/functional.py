@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .modules import FunctionalLayer
 
 
-def _keyword(node: torch.fx.Node, position: int, name: str, default=None):
+def call_argument(node: torch.fx.Node, position: int, name: str, default=None):
     '''Argument ``name`` of a call, given at ``position`` (counting the input as 0) or as a keyword.'''
     if len(node.args) > position:
         return node.args[position]
@@ -36,11 +36,11 @@ def split_computed_biases(graph: torch.fx.Graph) -> None:
     for node in list(graph.nodes):
         if node.op != 'call_function' or node.target is not F.linear:
             continue
-        bias = _keyword(node, 2, 'bias')
+        bias = call_argument(node, 2, 'bias')
         if not isinstance(bias, torch.fx.Node) or bias.op == 'get_attr':
             continue
         with graph.inserting_after(node):
-            linear = graph.call_function(F.linear, (node.args[0], _keyword(node, 1, 'weight')))
+            linear = graph.call_function(F.linear, (node.args[0], call_argument(node, 1, 'weight')))
         with graph.inserting_after(linear):
             shifted = graph.call_function(operator.add, (linear, bias))
         node.replace_all_uses_with(shifted)
@@ -59,8 +59,8 @@ def functional_layer(node: torch.fx.Node, signals: Collection[torch.fx.Node]) ->
         return None
     kind, names = _FUNCTIONAL_LAYERS[node.target]
     input = node.args[0] if node.args else None
-    weight, bias = _keyword(node, 1, 'weight'), _keyword(node, 2, 'bias')
-    options = tuple((name, _keyword(node, index + 3, name, _OPTION_DEFAULTS[name])) for index, name in enumerate(
+    weight, bias = call_argument(node, 1, 'weight'), call_argument(node, 2, 'bias')
+    options = tuple((name, call_argument(node, index + 3, name, _OPTION_DEFAULTS[name])) for index, name in enumerate(
         names))
     if not isinstance(input, torch.fx.Node) or input not in signals or not _attribute_node(weight) or not (
             bias is None or _attribute_node(bias)) or any(isinstance(value, torch.fx.Node) for _, value in options):

@@ -218,8 +218,8 @@ class FunctionalLayer(NamedTuple):
     def build(self, model: torch.nn.Module) -> torch.nn.Module:
         '''The module, on the model's tensors: parameters themselves (gradients reach them), buffers as parameters
         that share their storage and need no gradient (zennit's rules modify parameters only).'''
-        weight = _parameter(_attribute_of(model, self.weight))
-        bias = _parameter(_attribute_of(model, self.bias)) if self.bias else None
+        weight = _parameter(attribute_at(model, self.weight))
+        bias = _parameter(attribute_at(model, self.bias)) if self.bias else None
         if self.kind == 'linear':
             module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device='meta')
         else:
@@ -232,11 +232,13 @@ class FunctionalLayer(NamedTuple):
         return module.eval()
 
 
-def _attribute_of(model: torch.nn.Module, name: str) -> torch.Tensor:
-    value: Any = model
-    for atom in name.split('.'):
-        value = getattr(value, atom)
-    return value
+def attribute_at(root: torch.nn.Module, target: Optional[str], *default: object) -> object:
+    '''The attribute ``target`` (dotted, a ``get_attr`` target) of ``root``; None for None; ``default`` if given and
+    the attribute is missing.'''
+    if target is None:
+        return None
+    *path, name = target.split('.')
+    return getattr(root.get_submodule('.'.join(path)), name, *default)
 
 
 def _parameter(tensor: torch.Tensor) -> torch.nn.Parameter:

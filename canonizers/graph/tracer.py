@@ -13,7 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from zennit.layer import Sum
 
-from .modules import leaf_activation
+from .modules import attribute_at, leaf_activation
 
 #: what every module holds in its ``__dict__`` (registries, hooks), restored otherwise
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
@@ -177,7 +177,7 @@ class ShapeTracer(LeafTracer):
                 elif kind == 'get_attr':
                     # a copy: an in-place operation on the value must not reach the model's tensor
                     proxy.example_value = torch.fx.node.map_aggregate(
-                        _attribute(self.root, target), lambda item: item.detach().clone()
+                        attribute_at(self.root, target), lambda item: item.detach().clone()
                         if isinstance(item, torch.Tensor) else item)
         except Exception:
             # unknown from here on: a question about its shape becomes a node again (and fails where it must)
@@ -185,13 +185,6 @@ class ShapeTracer(LeafTracer):
         finally:
             self.reading = False
         return proxy
-
-
-def _attribute(root: torch.nn.Module, target: str) -> Any:
-    value: Any = root
-    for atom in target.split('.'):
-        value = getattr(value, atom)
-    return value
 
 
 def _defaults(model: torch.nn.Module) -> Optional[Dict[str, Any]]:

@@ -27,6 +27,7 @@ from ..core.normalization import (
     FrozenBatchNorm,
     normalized_dims,
 )
+from .modules import attribute_at
 
 SOFTMAXES = {F.softmax, torch.softmax, 'softmax'}
 MATMULS = {operator.matmul, torch.matmul, 'matmul', torch.bmm, 'bmm', torch.einsum}
@@ -300,15 +301,6 @@ def learned_constants(analysis, transformer: Transformer) -> List[str]:
             if node.op == 'get_attr' and analysis.depends(source, node):
                 names[str(node.target)] = None
     return list(names)
-
-
-def attribute_at(root: torch.nn.Module, target: Optional[str], *default: object) -> object:
-    '''The attribute ``target`` (dotted, a ``get_attr`` target) of ``root``; None for None; ``default`` if given and
-    the attribute is missing.'''
-    if target is None:
-        return None
-    *path, name = target.split('.')
-    return getattr(root.get_submodule('.'.join(path)), name, *default)
 
 
 def build_norm(spec: NormSpec, root: torch.nn.Module) -> torch.nn.Module:
