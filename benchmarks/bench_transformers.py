@@ -5,10 +5,15 @@ the canonizer after the first trace.
 Run: ``python benchmarks/bench_transformers.py [--device cpu|cuda] [--rounds 10] [--threads 2] [--lxt .lxt]``.
 
 LXT patches torchvision's classes for the whole process, so it runs in a worker process of its own (this file with
-``--worker``, LXT's folder first on its path), and the rounds take turns: one attribution here, one there, one plain
-gradient, so that drifts of the machine hit all alike. Medians over the rounds; the ratios are medians of the
-per-round ratios. Random weights (nothing downloaded); the three compute the same kind of result (input relevance
-or gradient of the logit of class 3).
+``--worker``, LXT's folder first on its path), and the rounds take turns: one attribution here, then one there (this
+process waits for it, so the two never share the cores), then the plain gradients, so that drifts of the machine hit
+all alike. Medians over the rounds; the ratios are medians of the per-round ratios. Random weights (nothing
+downloaded; the head, which torchvision initializes to zero, drawn at random too); all compute input relevance or
+the gradient of the logit of class 3.
+
+zennit's attributor asks for the input's gradient alone (``torch.autograd.grad``); LXT's documented use,
+``y.backward()`` and ``x * x.grad``, also computes every parameter's gradient. Both are timed, and so is the plain
+gradient both ways: the like-for-like ratios are those of the input gradient alone.
 '''
 import argparse
 import os
@@ -16,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 # two processes take turns: threads that spin after their work (OpenMP's default) would slow the other one's turn
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
@@ -31,11 +37,26 @@ TARGET = 3
 
 def build(device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torchvision.models.vit_b_16().eval().to(device)
+    model = torchvision.models.vit_b_16().eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model.to(device)
+
+
+def input_gradient(model: torch.nn.Module, data: torch.Tensor, parameters: bool) -> torch.Tensor:
+    '''The gradient of the logit of class TARGET at ``data``; by ``backward()`` (also every parameter's gradient) if
+    ``parameters``, else by ``torch.autograd.grad`` for the input alone.'''
+    input = data.clone().requires_grad_()
+    logit = model(input)[0, TARGET]
+    if parameters:
+        logit.backward()
+        model.zero_grad(set_to_none=True)
+        return input.grad
+    return torch.autograd.grad(logit, input)[0]
 
 
 def worker(device: torch.device) -> None:
-    '''Serve LXT attributions: one per line read, its time written back.'''
+    '''Serve LXT attributions: one per line read (``input`` or ``backward``, see :py:func:`input_gradient`), its time
+    written back.'''
     import warnings
 
     # LXT's optional zennit patches (for gamma rules) do not load with zennit 0.4.6; its ViT rules do not need them
@@ -46,12 +67,10 @@ def worker(device: torch.device) -> None:
     monkey_patch(vision_transformer)
     model = build(device)
     data = torch.randn(1, 3, 224, 224, device=device)
-    for _ in sys.stdin:
+    for line in sys.stdin:
         synchronize(device)
         start = time.perf_counter()
-        input = data.clone().requires_grad_()
-        model(input)[0, TARGET].backward()
-        (input * input.grad).sum().item()
+        (data * input_gradient(model, data, line.strip() == 'backward')).sum().item()
         synchronize(device)
         print(time.perf_counter() - start, flush=True)
 
@@ -82,17 +101,16 @@ def main() -> None:
     model = build(device)
     data = torch.randn(1, 3, 224, 224, device=device)
     # the rules LXT applies: a vanishing epsilon on linear layers and sums, relevance passed through activations
-    composite = conservation_composite([GraphCanonizer()], epsilon=1e-10)
+    composites = {reuse: conservation_composite([GraphCanonizer(reuse_forward=reuse)], epsilon=1e-10)
+                  for reuse in (True, False)}
 
-    def ours() -> None:
-        with Gradient(model, composite) as attributor:
+    def ours(reuse: bool = True) -> None:
+        with Gradient(model, composites[reuse]) as attributor:
             _, relevance = attributor(data.clone().requires_grad_(), lambda out: output_relevance(out, TARGET))
         relevance.sum().item()
 
-    def gradient() -> None:
-        input = data.clone().requires_grad_()
-        model(input)[0, TARGET].backward()
-        input.grad.sum().item()
+    def gradient(parameters: bool) -> Callable[[], None]:
+        return lambda: input_gradient(model, data, parameters).sum().item()
 
     def apply_remove() -> None:
         for instance in GraphCanonizer().apply(model):
@@ -105,12 +123,19 @@ def main() -> None:
         synchronize(device)
         return time.perf_counter() - start
 
-    first_trace = timed(apply_remove)
-    times = {'GraphCanonizer + composite': [], 'LXT 2.1 (cp-LRP)': [], 'plain gradient': [], 'apply + remove': []}
-    for round_ in range(args.rounds + 1):
-        lxt.stdin.write('run\n')
+    def lxt_time(mode: str) -> float:
+        # the worker's answer is awaited before anything else runs: the two processes never share the cores
+        lxt.stdin.write(mode + '\n')
         lxt.stdin.flush()
-        figures = [timed(ours), float(lxt.stdout.readline()), timed(gradient), timed(apply_remove)]
+        return float(lxt.stdout.readline())
+
+    first_trace = timed(apply_remove)
+    labels = ['GraphCanonizer + composite', 'the same, reuse_forward=False', 'LXT 2.1 (cp-LRP), input gradient',
+              'LXT 2.1 (cp-LRP), backward()', 'plain gradient, input', 'plain gradient, backward()', 'apply + remove']
+    times = {label: [] for label in labels}
+    for round_ in range(args.rounds + 1):
+        figures = [timed(ours), timed(lambda: ours(False)), lxt_time('input'), lxt_time('backward'),
+                   timed(gradient(False)), timed(gradient(True)), timed(apply_remove)]
         if round_ > 0:  # the first round warms up
             for label, figure in zip(times, figures):
                 times[label].append(figure)

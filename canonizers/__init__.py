@@ -6,6 +6,7 @@ from .core.gates import ConstantGate, SqueezeExcitationCanonizer
 from .core.layers import ThresholdReLU
 from .core.masked_sum import MaskedSum
 from .core.merging import ExactMergeBatchNorm, LinearMerge
+from .core.reuse import ReuseForward
 from .families.densenet import DenseBlockCanonizer, DenseLayerCanonizer, DenseNetCanonizer, DenseNetHeadCanonizer
 from .families.efficientnet import EfficientNetCanonizer, MBConvCanonizer
 from .families.mobilenet import (
@@ -40,6 +41,7 @@ __all__ = [
     'ResNetBasicBlockCanonizer',
     'ResNetBottleneckCanonizer',
     'ResNetCanonizer',
+    'ReuseForward',
     'SqueezeExcitationCanonizer',
     'SupportReport',
     'ThresholdReLU',

@@ -108,9 +108,13 @@ class SlicedLinear(torch.nn.Linear):
         self.bias = bias
         self.rows, self.bias_rows = rows, bias_rows
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def operands(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        '''The weight and bias of this projection: views of the rows of the packed ones.'''
         bias = None if self.bias is None else self.bias[self.bias_rows[0]:self.bias_rows[1]]
-        return F.linear(input, self.weight[self.rows[0]:self.rows[1]], bias)
+        return self.weight[self.rows[0]:self.rows[1]], bias
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, *self.operands())
 
     def extra_repr(self) -> str:
         return f'rows={self.rows[0]}:{self.rows[1]}'

@@ -11,6 +11,7 @@ from ..core.cuts import CutLike, ParsedCut, PerSampleCut, ResolvedCut, parse_cut
 from ..core.lifecycle import REWRITTEN, remove_all, require_eval, rewritten_forward
 from ..core.merging import batch_norm_affine, check_batch_norm, make_identity, merge_around_linear, threshold_relu
 from ..core.patch import ModulePatch
+from ..core.reuse import ReuseForward
 from .compiled import Compiled, compiled_for
 from .conservation import count, listing, warn
 from .cutting import Branches
@@ -77,19 +78,26 @@ class GraphCanonizer(Canonizer):
         modules of such a model are kept whole, and the paths and operations inside them are out of reach (the
         warning of :py:mod:`canonizers.graph.conservation` names them). Models whose forward is traced in general
         are traced so either way.
+    reuse_forward: bool
+        Whether zennit's rules take each linear layer's output from the forward pass where they would compute it again
+        in the backward pass (:py:class:`~canonizers.core.reuse.ReuseForward`): the same relevance, one linear map
+        fewer per layer under the epsilon rule, for the memory of the layers' last outputs while canonized.
 
     Raises
     ------
     ValueError
-        If ``attention`` is not one of :py:data:`ATTENTION_RULES`, or ``input_shape`` is no sequence of positive
-        integers.
+        If ``attention`` is not one of :py:data:`ATTENTION_RULES`, ``input_shape`` is no sequence of positive
+        integers, or ``reuse_forward`` is no bool.
     '''
     def __init__(self, cut: CutLike = None, attention: str = 'cp-lrp',
-                 input_shape: Optional[Sequence[int]] = None) -> None:
+                 input_shape: Optional[Sequence[int]] = None, reuse_forward: bool = True) -> None:
         if attention not in ATTENTION_RULES:
             raise ValueError(f'attention={attention!r}: must be one of {", ".join(map(repr, ATTENTION_RULES))}')
         self.attention = attention
         self.input_shape = shape_of(input_shape)
+        if not isinstance(reuse_forward, bool):
+            raise ValueError(f'reuse_forward={reuse_forward!r}: must be True or False')
+        self.reuse_forward = reuse_forward
         self._cut: ParsedCut = parse_cut(cut)
         self._instances: List[GraphCanonizer] = []
         self.compiled: Optional[Compiled] = None
@@ -111,11 +119,12 @@ class GraphCanonizer(Canonizer):
 
     def __repr__(self) -> str:
         shape = '' if self.input_shape is None else f', input_shape={self.input_shape!r}'
-        return f'{type(self).__name__}(cut={self.cut!r}, attention={self.attention!r}{shape})'
+        reuse = '' if self.reuse_forward else ', reuse_forward=False'
+        return f'{type(self).__name__}(cut={self.cut!r}, attention={self.attention!r}{shape}{reuse})'
 
     def copy(self) -> 'GraphCanonizer':
-        '''Return an unregistered copy of this canonizer, with the same cut, attention rules and input shape.'''
-        return type(self)(self.cut, self.attention, self.input_shape)
+        '''Return an unregistered copy of this canonizer, with the same cut, attention rules, input shape and reuse.'''
+        return type(self)(self.cut, self.attention, self.input_shape, self.reuse_forward)
 
     def apply(self, root_module: torch.nn.Module) -> List[Canonizer]:
         '''Canonize ``root_module`` in place; on failure, undo what was done and raise.
@@ -160,6 +169,8 @@ class GraphCanonizer(Canonizer):
             instance.update(cut)
             # zennit 1.0's rules swap parameter objects while applied: put the model's own back on removal
             instances += RestoreSwappedParameters().apply(root_module)
+            if self.reuse_forward:
+                instances += ReuseForward().apply(root_module)
         except BaseException:
             remove_all(instances)
             raise

@@ -1,0 +1,185 @@
+'''Serving the forward that zennit's rules compute again in the backward pass from the forward pass's own result.
+
+A zennit rule (:py:class:`zennit.core.BasicHook`) computes the relevance of a layer by running the layer's forward
+once more in the backward pass, on the stored input and the (modified) parameters, and taking the gradient of that
+output. Where a rule modifies neither (the epsilon rule, the rules of :py:func:`canonizers.evaluation
+.conservation_composite`), that second forward computes the very output of the first: the same function of the same
+values. For a transformer, whose cost is its linear layers, it is a quarter of all the arithmetic of an attribution.
+
+:py:class:`ReuseForward` keeps, per linear layer, the operands and the output of its last forward pass with gradients,
+and answers a forward on the same input values and the same parameter storage, unchanged since (torch's version
+counters, as autograd checks its saved tensors), with that output, attached to the new input by the layer's exact
+backward (:py:class:`ReusedLinear`). Anything else (modified parameters, as the z+ and alpha-beta rules use, other
+inputs) is computed as before. The relevance is the same to the last bit wherever the second forward would give the
+first one's bits, and at float rounding otherwise (zennit 1.0 recomputes on a contiguous copy of the input).
+'''
+from typing import List, Optional, Set, Tuple
+
+import torch
+import torch.nn.functional as F
+from zennit.canonizers import Canonizer
+
+from .patch import ModulePatch
+
+Operands = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+def _engine_needs(ctx: torch.autograd.function.FunctionCtx, index: int) -> bool:
+    '''Whether the backward pass now running wants the gradient of input ``index`` of ``ctx``'s function.
+
+    ``ctx.needs_input_grad`` only says whether an input requires a gradient; ``torch.autograd.grad(outputs, inputs)``
+    (what zennit's rules call) may want fewer. The inputs are passed as views, so that the engine can tell: it cannot
+    for leaves within ``torch.autograd.grad``.
+    '''
+    if index >= len(ctx.next_functions):  # an input that is None (no bias) has no edge
+        return False
+    node = ctx.next_functions[index][0]
+    return node is not None and torch._C._will_engine_execute_node(node)
+
+
+class ReusedLinear(torch.autograd.Function):
+    '''``F.linear(input, weight, bias)`` given its result, ``output``: a copy of it, with the exact backward of the
+    linear map (the gradients of the input, the weight and the bias that the backward pass wants).'''
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, output: torch.Tensor, input: torch.Tensor,
+                weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(input, weight)
+        # a copy: output modifiers of rules may work in place, and the original is the forward pass's own tensor
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 grad: torch.Tensor) -> Tuple[None, Optional[torch.Tensor], ...]:
+        input, weight = ctx.saved_tensors
+        grad_input = grad @ weight if _engine_needs(ctx, 1) else None
+        grad_weight = grad_bias = None
+        if _engine_needs(ctx, 2):
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ input.reshape(-1, input.shape[-1])
+        if _engine_needs(ctx, 3):
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return None, grad_input, grad_weight, grad_bias
+
+
+def _view(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.view_as(tensor)
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _same_place(tensor: Optional[torch.Tensor], stored: Optional[torch.Tensor], version: int) -> bool:
+    '''Whether ``tensor`` is the very memory of ``stored``, unchanged since it was stored (for ``None``: both None).'''
+    if tensor is None or stored is None:
+        return tensor is stored
+    return (tensor.data_ptr() == stored.data_ptr() and tensor.shape == stored.shape
+            and tensor.stride() == stored.stride() and tensor.dtype == stored.dtype
+            and tensor.device == stored.device and stored._version == version)
+
+
+class LinearRecord:
+    '''The last forward pass with gradients of one linear layer: its input, operands and output, and the operands'
+    versions then. Installed as the layer's ``forward``.
+
+    Parameters
+    ----------
+    module: :py:obj:`torch.nn.Linear`
+        The layer; its forward is ``F.linear(input, *operands(module))``.
+    '''
+    def __init__(self, module: torch.nn.Linear) -> None:
+        self.module = module
+        # the layer's own memory (merged batch norms included): rules that modify parameters compute elsewhere, and
+        # their results are not kept (they would keep modified copies of the weights alive)
+        self.own: Set[int] = {_storage(tensor) for tensor in operands(module) if tensor is not None}
+        self.entry: Optional[Tuple[torch.Tensor, Operands, Tuple[int, int], torch.Tensor]] = None
+        #: how many forwards were answered with a kept output
+        self.hits = 0
+
+    def __call__(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = operands(self.module)
+        entry = self.entry
+        if entry is not None:
+            stored_input, (stored_weight, stored_bias), versions, output = entry
+            if (_same_place(weight, stored_weight, versions[0]) and _same_place(bias, stored_bias, versions[1])
+                    and input.shape == stored_input.shape and input.dtype == stored_input.dtype
+                    and input.device == stored_input.device and torch.equal(input, stored_input)):
+                self.hits += 1
+                return ReusedLinear.apply(output, _view(input), _view(weight), _view(bias))
+        output = F.linear(input, weight, bias)
+        if torch.is_grad_enabled() and output.requires_grad and all(
+                tensor is None or _storage(tensor) in self.own for tensor in (weight, bias)):
+            versions = (weight._version, -1 if bias is None else bias._version)
+            self.entry = (input.detach(), (weight, bias), versions, output.detach())
+        return output
+
+    def clear(self) -> None:
+        '''Forget the last forward pass.'''
+        self.entry = None
+
+
+def operands(module: torch.nn.Linear) -> Operands:
+    '''The weight and bias of ``module``'s ``F.linear`` (a slice of them for
+    :py:class:`canonizers.core.attention.SlicedLinear`).'''
+    sliced = getattr(module, 'operands', None)
+    return sliced() if sliced is not None else (module.weight, module.bias)
+
+
+def reusable(module: torch.nn.Module) -> bool:
+    '''Whether ``module``'s forward is ``F.linear`` of its operands: :py:obj:`torch.nn.Linear` and subclasses that keep
+    its forward (``NonDynamicallyQuantizableLinear``) or declare their ``operands``, with no forward of their own set
+    on the instance.'''
+    if not isinstance(module, torch.nn.Linear) or 'forward' in vars(module):
+        return False
+    forward = type(module).forward
+    return forward is torch.nn.Linear.forward or getattr(type(module), 'operands', None) is not None
+
+
+class ReuseForward(Canonizer):
+    '''Canonizer that lets zennit's rules take the output of the forward pass instead of computing every linear layer
+    (:py:obj:`torch.nn.Linear`) once more in the backward pass, wherever that second forward computes the same: the
+    epsilon rule (and every rule that modifies neither the input nor the parameters) then costs one linear map fewer
+    per layer. See :py:mod:`canonizers.core.reuse`.
+
+    It keeps the input and output of each linear layer's last forward pass with gradients until the next one or its
+    removal (zennit's rules keep the inputs the same way). Forward passes without gradients keep nothing. Removal
+    restores the model bitwise.
+    '''
+    def __init__(self) -> None:
+        self.patch = ModulePatch()
+        self.records: List[LinearRecord] = []
+
+    def apply(self, root_module: torch.nn.Module) -> List['ReuseForward']:
+        '''Install the records on every linear layer of ``root_module`` whose forward is ``F.linear``.
+
+        Parameters
+        ----------
+        root_module: :py:obj:`torch.nn.Module`
+            The model.
+
+        Returns
+        -------
+        list of :py:class:`ReuseForward`
+            One registered instance.
+        '''
+        instance = type(self)()
+        try:
+            instance.register(root_module)
+        except BaseException:
+            instance.remove()
+            raise
+        return [instance]
+
+    def register(self, root_module: torch.nn.Module) -> None:
+        '''Install a :py:class:`LinearRecord` as the forward of every reusable linear layer of ``root_module``.'''
+        for module in root_module.modules():
+            if reusable(module):
+                record = LinearRecord(module)
+                self.records.append(record)
+                self.patch.set_attribute(module, 'forward', record)
+
+    def remove(self) -> None:
+        '''Restore the forward of every layer and forget what was kept.'''
+        for record in self.records:
+            record.clear()
+        self.records = []
+        self.patch.undo()

@@ -1,0 +1,152 @@
+'''Reusing the forward pass's outputs where zennit's rules compute a linear layer again (canonizers.core.reuse): the
+oracle is zennit's own recomputation (``reuse_forward=False``), under rules that modify nothing (reused) and rules
+that modify parameters or inputs (computed again); the reused output's backward against autograd's; removal.'''
+import pytest
+import torch
+from helpers import assert_untouched, conservation_composite, output_relevance, snapshot
+from test_transformers import Tokens, data, randomized, vit
+from zennit.attribution import Gradient
+from zennit.composites import EpsilonPlusFlat, LayerMapComposite
+from zennit.rules import AlphaBeta, Pass
+from zennit.types import Activation
+
+from canonizers import GraphCanonizer, ReuseForward
+from canonizers.core.reuse import LinearRecord
+
+TARGET = 3
+
+COMPOSITES = {
+    'epsilon (conservation)': lambda canonizers: conservation_composite(canonizers, epsilon=1e-10),
+    'EpsilonPlusFlat': lambda canonizers: EpsilonPlusFlat(canonizers=canonizers),
+    # zennit's own composites give linear layers (Dense) the epsilon rule
+    'alpha-beta on linear layers': lambda canonizers: LayerMapComposite(
+        [(Activation, Pass()), (torch.nn.Linear, AlphaBeta(2, 1))], canonizers=canonizers),
+}
+
+MODELS = {
+    'torchvision vit (2 layers)': (vit, 32),
+    'own, nn.MultiheadAttention': (lambda: Tokens('module'), 8),
+}
+
+
+def records(model):
+    return {name: module.forward for name, module in model.named_modules()
+            if isinstance(vars(module).get('forward'), LinearRecord)}
+
+
+def relevance(model, size, composite, reuse, batch=2):
+    canonizer = GraphCanonizer(reuse_forward=reuse)
+    with Gradient(model, COMPOSITES[composite]([canonizer])) as attributor:
+        _, result = attributor(data(size, batch).requires_grad_(), lambda output: output_relevance(output, TARGET))
+        hits = {name: record.hits for name, record in records(model).items()}
+    return result, hits
+
+
+@pytest.mark.parametrize('composite', list(COMPOSITES))
+@pytest.mark.parametrize('name', list(MODELS))
+def test_relevance_equals_zennits_recomputation(name, composite):
+    build, size = MODELS[name]
+    model = randomized(build())
+    before = snapshot(model)
+    reused, hits = relevance(model, size, composite, True)
+    assert_untouched(model, before)
+    computed, none = relevance(model, size, composite, False)
+    assert none == {}
+    assert computed.abs().max() > 1e-6  # a relevance that is there
+    assert (reused - computed).abs().max() <= 1e-12 * computed.abs().max()
+    assert hits
+    if composite == 'epsilon (conservation)':
+        # every linear layer is served from the forward pass: the value projections, the attention's output, the
+        # MLP and the head (under CP-LRP, queries and keys are computed without gradients, and are no layers then)
+        assert min(hits.values()) == 1
+        assert any('mlp' in layer for layer in hits) and any('head' in layer for layer in hits)
+    elif composite == 'alpha-beta on linear layers':
+        # alpha-beta modifies the weights: nothing is served
+        assert max(hits.values()) == 0
+
+
+def linear_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4)).double()
+
+
+def gradients(model, input):
+    input = input.clone().requires_grad_()
+    output = model(input)
+    output.backward(torch.arange(output.numel(), dtype=output.dtype).reshape(output.shape))
+    grads = [input.grad] + [parameter.grad.clone() for parameter in model.parameters()]
+    model.zero_grad()
+    return output.detach(), grads
+
+
+def test_a_reused_output_has_the_backward_of_the_linear_map():
+    model = linear_model()
+    input = torch.randn(3, 2, 6, dtype=torch.float64)
+    expected_output, expected = gradients(model, input)
+    before = snapshot(model)
+    instances = ReuseForward().apply(model)
+    gradients(model, input)
+    # the second forward on the same values is served from the first
+    output, grads = gradients(model, input)
+    assert [record.hits for record in records(model).values()] == [1, 1]
+    assert torch.equal(output, expected_output)
+    for grad, oracle in zip(grads, expected):
+        assert (grad - oracle).abs().max() <= 1e-12 * oracle.abs().max()
+    # torch.autograd.grad for the input alone gets the same input gradient
+    served = model(input.clone().requires_grad_())
+    assert torch.equal(served, expected_output)
+    for instance in instances:
+        instance.remove()
+    assert_untouched(model, before)
+
+
+def test_changed_parameters_or_inputs_are_computed_again():
+    model = linear_model()
+    input = torch.randn(3, 6, dtype=torch.float64)
+    instances = ReuseForward().apply(model)
+    layer = model[0]
+    record = layer.forward
+    model(input.requires_grad_())
+    with torch.no_grad():
+        layer.weight.mul_(2)  # in place: its version counter tells
+    assert torch.equal(model(input), torch.nn.functional.linear(
+        torch.relu(torch.nn.functional.linear(input, layer.weight, layer.bias)), model[2].weight, model[2].bias))
+    assert record.hits == 0
+    other = input.detach().clone()
+    other[0, 0] += 1
+    model(other)
+    assert record.hits == 0
+    modified = torch.nn.Parameter(layer.weight.detach().clamp(min=0))
+    original = layer.weight
+    layer.weight = modified  # a rule's modified copy: elsewhere in memory
+    assert torch.equal(layer(other), torch.nn.functional.linear(other, modified, layer.bias))
+    assert record.hits == 0
+    layer.weight = original
+    for instance in instances:
+        instance.remove()
+
+
+def test_nothing_is_kept_without_gradients():
+    model = linear_model()
+    instances = ReuseForward().apply(model)
+    with torch.no_grad():
+        model(torch.randn(2, 6, dtype=torch.float64))
+    model.requires_grad_(False)
+    model(torch.randn(2, 6, dtype=torch.float64))  # neither the input nor the output needs a gradient
+    assert all(record.entry is None for record in records(model).values())
+    for instance in instances:
+        instance.remove()
+    assert records(model) == {}
+
+
+@pytest.mark.parametrize('value', [1, 'yes', None])
+def test_reuse_forward_must_be_a_bool(value):
+    with pytest.raises(ValueError, match=f'reuse_forward={value!r}: must be True or False'):
+        GraphCanonizer(reuse_forward=value)
+
+
+def test_reuse_forward_is_copied_and_shown():
+    canonizer = GraphCanonizer(reuse_forward=False)
+    assert canonizer.copy().reuse_forward is False
+    assert 'reuse_forward=False' in repr(canonizer)
+    assert 'reuse_forward' not in repr(GraphCanonizer())
