@@ -119,10 +119,11 @@ def accuracy(model, count, seed):
     return (predictions == labels).float().mean().item()
 
 
-def first_per_model(cases):
+def first_per_model(cases, pinned_only=()):
     '''``cases`` (tuples that start with a model's name) as parameter sets, all but the first of each model marked
-    ``once``: every zennit version runs each model, the pinned one runs every layer.'''
-    seen = set()
+    ``once``, and every case of the models in ``pinned_only``: every zennit version runs each other model, the pinned
+    one runs every layer.'''
+    seen = set(pinned_only)
     marked = []
     for case in cases:
         marked.append(pytest.param(*case, marks=pytest.mark.once) if case[0] in seen else case)

@@ -122,6 +122,15 @@ def test_changed_parameters_or_inputs_are_computed_again():
     assert torch.equal(layer(other), torch.nn.functional.linear(other, modified, layer.bias))
     assert record.hits == 0
     layer.weight = original
+    # the very input tensor, changed in place after its forward pass: its version counter tells
+    changed = other * 2
+    layer(changed)
+    with torch.no_grad():
+        changed.add_(1)
+    assert torch.equal(layer(changed), torch.nn.functional.linear(changed, layer.weight, layer.bias))
+    assert record.hits == 0
+    assert torch.equal(layer(changed), torch.nn.functional.linear(changed, layer.weight, layer.bias))
+    assert record.hits == 1
     for instance in instances:
         instance.remove()
 

@@ -77,6 +77,18 @@ def _same_place(tensor: Optional[torch.Tensor], stored: Optional[torch.Tensor], 
             and tensor.device == stored.device and stored._version == version)
 
 
+def _same_values(tensor: torch.Tensor, stored: torch.Tensor, version: int) -> bool:
+    '''Whether ``tensor`` holds the values ``stored`` held when its version was ``version``: none if it changed
+    since; else its very memory (zennit 0.4.6 and 0.5.1 recompute on the stored input itself), or equal values
+    (zennit 1.0 recomputes on a copy; comparing synchronizes a GPU).'''
+    if stored._version != version:
+        return False
+    if _same_place(tensor, stored, version):
+        return True
+    return (tensor.shape == stored.shape and tensor.dtype == stored.dtype and tensor.device == stored.device
+            and torch.equal(tensor, stored))
+
+
 class LinearRecord:
     '''The last forward pass with gradients of one linear layer: its input, operands and output, and the operands'
     versions then. Installed as the layer's ``forward``.
@@ -91,7 +103,7 @@ class LinearRecord:
         # the layer's own memory (merged batch norms included): rules that modify parameters compute elsewhere, and
         # their results are not kept (they would keep modified copies of the weights alive)
         self.own: Set[int] = {_storage(tensor) for tensor in operands(module) if tensor is not None}
-        self.entry: Optional[Tuple[torch.Tensor, Operands, Tuple[int, int], torch.Tensor]] = None
+        self.entry: Optional[Tuple[torch.Tensor, Operands, Tuple[int, int, int], torch.Tensor]] = None
         #: how many forwards were answered with a kept output
         self.hits = 0
 
@@ -101,14 +113,13 @@ class LinearRecord:
         if entry is not None:
             stored_input, (stored_weight, stored_bias), versions, output = entry
             if (_same_place(weight, stored_weight, versions[0]) and _same_place(bias, stored_bias, versions[1])
-                    and input.shape == stored_input.shape and input.dtype == stored_input.dtype
-                    and input.device == stored_input.device and torch.equal(input, stored_input)):
+                    and _same_values(input, stored_input, versions[2])):
                 self.hits += 1
                 return ReusedLinear.apply(output, _view(input), _view(weight), _view(bias))
         output = F.linear(input, weight, bias)
         if torch.is_grad_enabled() and output.requires_grad and all(
                 tensor is None or _storage(tensor) in self.own for tensor in (weight, bias)):
-            versions = (weight._version, -1 if bias is None else bias._version)
+            versions = (weight._version, -1 if bias is None else bias._version, input._version)
             self.entry = (input.detach(), (weight, bias), versions, output.detach())
         return output
 
