@@ -1,6 +1,8 @@
 '''Reusing the forward pass's outputs where zennit's rules compute a linear layer again (canonizers.core.reuse): the
 oracle is zennit's own recomputation (``reuse_forward=False``), under rules that modify nothing (reused) and rules
 that modify parameters or inputs (computed again); the reused output's backward against autograd's; removal.'''
+import inspect
+
 import pytest
 import torch
 from helpers import assert_untouched, conservation_composite, output_relevance, snapshot
@@ -63,6 +65,27 @@ def test_relevance_equals_zennits_recomputation(name, composite):
     elif composite == 'alpha-beta on linear layers':
         # alpha-beta modifies the weights: nothing is served
         assert max(hits.values()) == 0
+
+
+@pytest.mark.skipif('create_graph' not in inspect.signature(Gradient).parameters,
+                    reason='zennit 0.4.6 cannot differentiate relevance (no create_graph)')
+def test_gradients_of_relevance_equal_zennits_recomputation():
+    # training with explanations differentiates the rules' backward pass: through a served output too
+    model = randomized(vit())
+    results = []
+    for reuse in (True, False):
+        composite = conservation_composite([GraphCanonizer(reuse_forward=reuse)], epsilon=1e-6)
+        with Gradient(model, composite, create_graph=True) as attributor:
+            _, result = attributor(data(32, 2).requires_grad_(), lambda output: output_relevance(output, TARGET))
+        (result ** 2).sum().backward()
+        results.append({name: parameter.grad for name, parameter in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    reused, computed = results
+    assert reused.keys() == computed.keys() and any(grad is not None for grad in computed.values())
+    for name, grad in computed.items():
+        assert (reused[name] is None) == (grad is None), name
+        if grad is not None:
+            assert (reused[name] - grad).abs().max() <= 1e-12 * grad.abs().max(), name
 
 
 def linear_model():
