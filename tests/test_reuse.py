@@ -158,6 +158,26 @@ def test_changed_parameters_or_inputs_are_computed_again():
         instance.remove()
 
 
+class DoubleInPlace(torch.nn.Module):
+    def forward(self, input):
+        return input.mul_(2)
+
+
+def test_an_output_changed_in_place_is_computed_again():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), DoubleInPlace(), torch.nn.Linear(5, 4)).double()
+    input = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(input)
+    instances = ReuseForward().apply(model)
+    model(input)
+    # the first layer's kept output was doubled in place: served, it would be doubled twice
+    assert torch.equal(model(input), expected)
+    assert model[0].forward.hits == 0
+    for instance in instances:
+        instance.remove()
+
+
 def test_nothing_is_kept_without_gradients():
     model = linear_model()
     instances = ReuseForward().apply(model)

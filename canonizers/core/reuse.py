@@ -90,8 +90,8 @@ def _same_values(tensor: torch.Tensor, stored: torch.Tensor, version: int) -> bo
 
 
 class LinearRecord:
-    '''The last forward pass with gradients of one linear layer: its input, operands and output, and the operands'
-    versions then. Installed as the layer's ``forward``.
+    '''The last forward pass with gradients of one linear layer: its input, operands and output, and their versions
+    then. Installed as the layer's ``forward``.
 
     Parameters
     ----------
@@ -103,7 +103,7 @@ class LinearRecord:
         # the layer's own memory (merged batch norms included): rules that modify parameters compute elsewhere, and
         # their results are not kept (they would keep modified copies of the weights alive)
         self.own: Set[int] = {_storage(tensor) for tensor in operands(module) if tensor is not None}
-        self.entry: Optional[Tuple[torch.Tensor, Operands, Tuple[int, int, int], torch.Tensor]] = None
+        self.entry: Optional[Tuple[torch.Tensor, Operands, Tuple[int, int, int, int], torch.Tensor]] = None
         #: how many forwards were answered with a kept output
         self.hits = 0
 
@@ -112,14 +112,15 @@ class LinearRecord:
         entry = self.entry
         if entry is not None:
             stored_input, (stored_weight, stored_bias), versions, output = entry
-            if (_same_place(weight, stored_weight, versions[0]) and _same_place(bias, stored_bias, versions[1])
-                    and _same_values(input, stored_input, versions[2])):
+            # the kept output too may have been changed in place since (an in-place ReLU after the layer)
+            if (output._version == versions[3] and _same_place(weight, stored_weight, versions[0])
+                    and _same_place(bias, stored_bias, versions[1]) and _same_values(input, stored_input, versions[2])):
                 self.hits += 1
                 return ReusedLinear.apply(output, _view(input), _view(weight), _view(bias))
         output = F.linear(input, weight, bias)
         if torch.is_grad_enabled() and output.requires_grad and all(
                 tensor is None or _storage(tensor) in self.own for tensor in (weight, bias)):
-            versions = (weight._version, -1 if bias is None else bias._version, input._version)
+            versions = (weight._version, -1 if bias is None else bias._version, input._version, output._version)
             self.entry = (input.detach(), (weight, bias), versions, output.detach())
         return output
 
