@@ -9,7 +9,8 @@ from helpers import assert_untouched, conservation_composite, output_relevance, 
 from test_transformers import Tokens, data, randomized, vit
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlusFlat, LayerMapComposite
-from zennit.rules import AlphaBeta, Pass
+from zennit.core import Composite
+from zennit.rules import AlphaBeta, Epsilon, Pass
 from zennit.types import Activation
 
 from canonizers import GraphCanonizer, ReuseForward
@@ -40,7 +41,7 @@ def relevance(model, size, composite, reuse, batch=2):
     canonizer = GraphCanonizer(reuse_forward=reuse)
     with Gradient(model, COMPOSITES[composite]([canonizer])) as attributor:
         _, result = attributor(data(size, batch).requires_grad_(), lambda output: output_relevance(output, TARGET))
-        hits = {name: record.hits for name, record in records(model).items()}
+        hits = {name: (record.hits, record.replaced) for name, record in records(model).items()}
     return result, hits
 
 
@@ -57,14 +58,18 @@ def test_relevance_equals_zennits_recomputation(name, composite):
     assert computed.abs().max() > 1e-6  # a relevance that is there
     assert (reused - computed).abs().max() <= 1e-12 * computed.abs().max()
     assert hits
+    served = {layer: counts[0] for layer, counts in hits.items()}
+    # every rule here is zennit's BasicHook: it replaces the input gradient of every linear layer that relevance
+    # reaches, which is left to it (the first layer's input is the model's input, a leaf: zennit hooks it too)
+    assert min(counts[1] for counts in hits.values()) == 1
     if composite == 'epsilon (conservation)':
         # every linear layer is served from the forward pass: the value projections, the attention's output, the
         # MLP and the head (under CP-LRP, queries and keys are computed without gradients, and are no layers then)
-        assert min(hits.values()) == 1
+        assert min(served.values()) == 1
         assert any('mlp' in layer for layer in hits) and any('head' in layer for layer in hits)
     elif composite == 'alpha-beta on linear layers':
         # alpha-beta modifies the weights: nothing is served
-        assert max(hits.values()) == 0
+        assert max(served.values()) == 0
 
 
 @pytest.mark.skipif('create_graph' not in inspect.signature(Gradient).parameters,
@@ -86,6 +91,125 @@ def test_gradients_of_relevance_equal_zennits_recomputation():
         assert (reused[name] is None) == (grad is None), name
         if grad is not None:
             assert (reused[name] - grad).abs().max() <= 1e-12 * grad.abs().max(), name
+
+
+def backward_gradients(model, composite, reuse):
+    '''The input's and every parameter's gradient of ``y.backward()`` under ``composite`` (LXT's usage), and how many
+    input gradients were left to the rules.'''
+    input = data(32, 2).requires_grad_()
+    with COMPOSITES[composite]([GraphCanonizer(reuse_forward=reuse)]).context(model):
+        output = model(input)
+        output.backward(output_relevance(output, TARGET))
+        replaced = sum(record.replaced for record in records(model).values())
+    grads = {name: parameter.grad for name, parameter in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return input.grad, grads, replaced
+
+
+@pytest.mark.parametrize('composite', ['epsilon (conservation)', 'alpha-beta on linear layers'])
+def test_parameter_gradients_of_backward_are_zennits(composite):
+    # backward() computes every parameter's gradient too: those of the forward pass's linear maps stay exact where
+    # their input gradient is left to the rule
+    model = randomized(vit())
+    relevance, grads, replaced = backward_gradients(model, composite, True)
+    expected, expected_grads, none = backward_gradients(model, composite, False)
+    assert replaced > 0 and none == 0
+    assert (relevance - expected).abs().max() <= 1e-12 * expected.abs().max()
+    assert grads.keys() == expected_grads.keys()
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    assert any(expected_grads[f'{name}.weight'] is not None for name in linear)
+    for name, grad in expected_grads.items():
+        assert (grads[name] is None) == (grad is None), name
+        if grad is not None:
+            assert (grads[name] - grad).abs().max() <= 1e-12 * grad.abs().max(), name
+
+
+class Doubling(Epsilon):
+    '''A rule of its own backward, which reads the gradient it replaces.'''
+    def backward(self, module, grad_input, grad_output):
+        return tuple(None if grad is None else 2 * grad for grad in grad_input)
+
+    def copy(self):
+        # zennit 0.4.6's BasicHook.copy makes a BasicHook, not one of this class
+        return Doubling()
+
+
+def test_rules_that_read_the_input_gradient_get_it():
+    model = randomized(vit())
+    results = []
+    for reuse in (True, False):
+        composite = LayerMapComposite([(Activation, Pass()), (torch.nn.Linear, Doubling())],
+                                      canonizers=[GraphCanonizer(reuse_forward=reuse)])
+        with Gradient(model, composite) as attributor:
+            _, result = attributor(data(32, 2).requires_grad_(), lambda output: output_relevance(output, TARGET))
+            assert sum(record.replaced for record in records(model).values()) == 0
+        results.append(result)
+    assert results[1].abs().max() > 0
+    assert (results[0] - results[1]).abs().max() <= 1e-12 * results[1].abs().max()
+
+
+class Scaling(torch.nn.Module):
+    def forward(self, input):
+        return 3 * input
+
+
+def test_another_forward_pre_hook_after_the_rules_gets_the_input_gradient():
+    model = linear_model()
+    input = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    composite = conservation_composite([ReuseForward()], epsilon=1e-10)
+    results = []
+    for hooked in (True, False):
+        with composite.context(model):
+            # the input the layer sees is not the rule's copy of it: its gradient is not left to the rule
+            handle = model[2].register_forward_pre_hook(lambda module, args: (3 * args[0],)) if hooked else None
+            output = model(input)
+            gradient, = torch.autograd.grad(output, input, output_relevance(output, TARGET))
+            replaced = [module.forward.replaced for module in (model[0], model[2])]
+            if handle is not None:
+                handle.remove()
+        results.append((gradient, replaced))
+    (hooked, hooked_counts), (plain, plain_counts) = results
+    assert hooked_counts == [1, 0] and plain_counts == [1, 1]
+    with conservation_composite([], epsilon=1e-10).context(model):
+        handle = model[2].register_forward_pre_hook(lambda module, args: (3 * args[0],))
+        output = model(input)
+        expected, = torch.autograd.grad(output, input, output_relevance(output, TARGET))
+        handle.remove()
+    assert (hooked - expected).abs().max() <= 1e-12 * expected.abs().max()
+    # a layer's forward called directly (no hooks run, no copy of the rule's) while its rule is registered
+    with composite.context(model):
+        model(input * 2)  # the rules hold what they stored of a forward with their hooks
+        hidden = torch.relu(model[0](input))
+        direct, = torch.autograd.grad(model[2].forward(hidden).sum(), input)
+        assert model[2].forward.replaced == 0
+    with conservation_composite([], epsilon=1e-10).context(model):
+        model(input * 2)
+        hidden = torch.relu(model[0](input))
+        expected, = torch.autograd.grad(model[2].forward(hidden).sum(), input)
+    assert (direct - expected).abs().max() <= 1e-12 * expected.abs().max()
+
+
+@pytest.mark.skipif(not hasattr(Composite, 'inactive'), reason='zennit 0.4.6 has no inactive rules')
+def test_inactive_or_removed_rules_leave_the_exact_gradient():
+    # zennit 0.5.1 and 1.0: an inactive rule (Composite.inactive) and a removed one do not replace the input
+    # gradient, which must then be the forward's own
+    model = randomized(vit())
+    results = []
+    for reuse in (True, False):
+        composite = conservation_composite([GraphCanonizer(reuse_forward=reuse)], epsilon=1e-10)
+        with composite.context(model):
+            input = data(32, 2).requires_grad_()
+            output = model(input)
+            with composite.inactive():
+                inactive, = torch.autograd.grad(output, input, output_relevance(output, TARGET))
+            # the last one, after the rules' removal
+            output = model(input)
+        removed, = torch.autograd.grad(output, input, output_relevance(output, TARGET))
+        results.append((inactive, removed))
+    (inactive, removed), (expected_inactive, expected_removed) = results
+    for result, expected in ((inactive, expected_inactive), (removed, expected_removed)):
+        assert expected.abs().max() > 0
+        assert (result - expected).abs().max() <= 1e-12 * expected.abs().max()
 
 
 def linear_model():

@@ -12,29 +12,43 @@ counters, as autograd checks its saved tensors), with that output, attached to t
 backward (:py:class:`ReusedLinear`). Anything else (modified parameters, as the z+ and alpha-beta rules use, other
 inputs) is computed as before. The relevance is the same to the last bit wherever the second forward would give the
 first one's bits, and at float rounding otherwise (zennit 1.0 recomputes on a contiguous copy of the input).
+
+The first forward's own input gradient is wasted work as well: zennit's rule replaces it with the relevance it
+computes (the hook on the :py:class:`zennit.core.Identity` that ``Hook.pre_forward`` puts before the layer). Where the
+layer's input is exactly that (its last forward pre-hook is the ``pre_forward`` of a :py:class:`zennit.core.BasicHook`
+whose ``backward`` is zennit's own, which reads only the shape of the gradient it replaces), the linear map computes
+that gradient only if the rule will not replace it after all (the rule is inactive, as in zennit's
+``Composite.inactive()``, or removed), and passes zeros otherwise (:py:class:`RuledLinear`). Anything else about the
+input, the hook or a future zennit is not recognized and gets the exact gradient.
 '''
+import weakref
 from typing import List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
+import zennit.core
 from zennit.canonizers import Canonizer
 
+from .engine import as_view, engine_needs
 from .patch import ModulePatch
 
 Operands = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
-def _engine_needs(ctx: torch.autograd.function.FunctionCtx, index: int) -> bool:
-    '''Whether the backward pass now running wants the gradient of input ``index`` of ``ctx``'s function.
-
-    ``ctx.needs_input_grad`` only says whether an input requires a gradient; ``torch.autograd.grad(outputs, inputs)``
-    (what zennit's rules call) may want fewer. The inputs are passed as views, so that the engine can tell: it cannot
-    for leaves within ``torch.autograd.grad``.
-    '''
-    if index >= len(ctx.next_functions):  # an input that is None (no bias) has no edge
-        return False
-    node = ctx.next_functions[index][0]
-    return node is not None and torch._C._will_engine_execute_node(node)
+def _gradients(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, first: int,
+               input_gradient: bool = True) -> Tuple[Optional[torch.Tensor], ...]:
+    '''The gradients of ``F.linear(input, weight, bias)`` (``ctx``'s inputs ``first`` to ``first + 2``, ``input`` and
+    ``weight`` saved) that the backward pass wants; zeros for the input where not ``input_gradient``.'''
+    input, weight = ctx.saved_tensors
+    grad_input = grad_weight = grad_bias = None
+    if engine_needs(ctx, first):
+        # zeros that the rule replaces: one element, expanded (nothing is written)
+        grad_input = grad @ weight if input_gradient else input.new_zeros(()).expand(input.shape)
+    if engine_needs(ctx, first + 1):
+        grad_weight = grad.reshape(-1, grad.shape[-1]).T @ input.reshape(-1, input.shape[-1])
+    if engine_needs(ctx, first + 2):
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_input, grad_weight, grad_bias
 
 
 class ReusedLinear(torch.autograd.Function):
@@ -50,18 +64,52 @@ class ReusedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx,
                  grad: torch.Tensor) -> Tuple[None, Optional[torch.Tensor], ...]:
-        input, weight = ctx.saved_tensors
-        grad_input = grad @ weight if _engine_needs(ctx, 1) else None
-        grad_weight = grad_bias = None
-        if _engine_needs(ctx, 2):
-            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ input.reshape(-1, input.shape[-1])
-        if _engine_needs(ctx, 3):
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return None, grad_input, grad_weight, grad_bias
+        return (None,) + _gradients(ctx, grad, 1)
 
 
-def _view(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if tensor is None else tensor.view_as(tensor)
+class RuledLinear(torch.autograd.Function):
+    '''``F.linear(input, weight, bias)`` of a layer whose input gradient a zennit rule, ``rule``, replaces: the
+    weight's and the bias's gradients are exact, the input's is zeros while the rule will replace it (it is alive,
+    active and registered) and exact otherwise. ``record`` counts the zeros passed.'''
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, input: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor], rule: 'weakref.ref[zennit.core.BasicHook]',
+                record: 'LinearRecord') -> torch.Tensor:
+        ctx.save_for_backward(input, weight)
+        ctx.rule, ctx.record = rule, record
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        rule = ctx.rule()
+        # what zennit's hook on the Identity checks before it replaces the gradient (0.5.1 and 1.0: ``active``); a
+        # removed rule has cleared its stored tensors (and, from 0.5.1 on, its hook on the Identity)
+        replaced = rule is not None and getattr(rule, 'active', True) and bool(rule.stored_tensors)
+        gradients = _gradients(ctx, grad, 0, input_gradient=not replaced)
+        if replaced and gradients[0] is not None:
+            ctx.record.replaced += 1
+        return gradients + (None, None)
+
+
+def _replacing_rule(module: torch.nn.Module, input: torch.Tensor) -> Optional[zennit.core.BasicHook]:
+    '''The zennit rule that will replace the gradient of ``module``'s ``input`` (the forward's argument), if
+    recognized: the module's last forward pre-hook is zennit's ``Hook.pre_forward`` of a rule whose backward is
+    ``BasicHook.backward``, and ``input`` is the copy of the output of the :py:class:`zennit.core.Identity` it put
+    before the layer (the same in zennit 0.4.6, 0.5.1 and 1.0).'''
+    if not module._forward_pre_hooks:
+        return None
+    hook = next(reversed(module._forward_pre_hooks.values()))
+    rule = getattr(hook, '__self__', None)
+    zennits = (getattr(hook, '__func__', None) is zennit.core.Hook.pre_forward
+               and isinstance(rule, zennit.core.BasicHook) and type(rule).backward is zennit.core.BasicHook.backward)
+    if not zennits:
+        return None
+    node = input.grad_fn
+    if node is None or type(node).__name__ != 'CloneBackward0' or len(node.next_functions) != 1:
+        return None
+    identity = node.next_functions[0][0]
+    return rule if isinstance(identity, zennit.core.Identity._backward_cls) else None
 
 
 def _storage(tensor: torch.Tensor) -> int:
@@ -106,6 +154,8 @@ class LinearRecord:
         self.entry: Optional[Tuple[torch.Tensor, Operands, Tuple[int, int, int, int], torch.Tensor]] = None
         #: how many forwards were answered with a kept output
         self.hits = 0
+        #: how many input gradients were left to the zennit rule that replaces them (zeros passed instead)
+        self.replaced = 0
 
     def __call__(self, input: torch.Tensor) -> torch.Tensor:
         weight, bias = operands(self.module)
@@ -116,8 +166,12 @@ class LinearRecord:
             if (output._version == versions[3] and _same_place(weight, stored_weight, versions[0])
                     and _same_place(bias, stored_bias, versions[1]) and _same_values(input, stored_input, versions[2])):
                 self.hits += 1
-                return ReusedLinear.apply(output, _view(input), _view(weight), _view(bias))
-        output = F.linear(input, weight, bias)
+                return ReusedLinear.apply(output, as_view(input), as_view(weight), as_view(bias))
+        rule = _replacing_rule(self.module, input) if torch.is_grad_enabled() else None
+        if rule is None:
+            output = F.linear(input, weight, bias)
+        else:
+            output = RuledLinear.apply(as_view(input), as_view(weight), as_view(bias), weakref.ref(rule), self)
         if torch.is_grad_enabled() and output.requires_grad and all(
                 tensor is None or _storage(tensor) in self.own for tensor in (weight, bias)):
             versions = (weight._version, -1 if bias is None else bias._version, input._version, output._version)
