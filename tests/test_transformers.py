@@ -11,6 +11,7 @@ import warnings
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from crp.attribution import CondAttribution
 from helpers import (
@@ -25,6 +26,7 @@ from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlusFlat
 
 from canonizers import GraphCanonizer, NotConservedWarning, check
+from canonizers.core.normalization import ConstantStdLayerNorm
 from canonizers.core.products import SoftmaxRule, UniformProduct
 from canonizers.crp import FeatureConcept, HeadConcept, IsolatingCondAttribution, cuts_for
 from canonizers.support import bias_free
@@ -417,3 +419,45 @@ def test_softmax_rule_is_gradient_times_input_of_the_logits():
     assert relative_error(result, finite * gradient) < 1e-12
     # a masked logit gets nothing
     assert result[0, 0, 1] == 0 and torch.isfinite(result).all()
+
+
+@pytest.mark.parametrize('dims,affine', [(1, 'both'), (2, 'both'), (1, 'weight'), (1, 'bias'), (1, 'none')])
+def test_constant_std_layer_norm_is_the_layer_norm_with_its_std_detached(dims, affine):
+    generator = torch.Generator().manual_seed(dims)
+    shape = (2, 5, 3, 4)
+    normalized = shape[len(shape) - dims:]
+    input = (torch.randn(shape, generator=generator, dtype=torch.float64) * 3 + 1).requires_grad_()
+    weight = torch.nn.Parameter(torch.rand(normalized, generator=generator, dtype=torch.float64) + 0.5)
+    bias = torch.nn.Parameter(torch.randn(normalized, generator=generator, dtype=torch.float64))
+    weight = weight if affine in ('both', 'weight') else None
+    bias = bias if affine in ('both', 'bias') else None
+    module = ConstantStdLayerNorm(weight, bias, 1e-5, dims=dims)
+    output = module(input)
+    # the forward is torch's LayerNorm
+    assert relative_error(output, F.layer_norm(input, normalized, weight, bias, 1e-5)) < 1e-12
+
+    # the backward pass is that of the composition with the standard deviation detached, to second order
+    def composed(input):
+        axes = tuple(range(-dims, 0))
+        centred = input - input.mean(axes, keepdim=True)
+        result = centred / torch.sqrt(centred.pow(2).mean(axes, keepdim=True) + 1e-5).detach()
+        result = result if weight is None else result * weight
+        return result if bias is None else result + bias
+
+    leaves = [input] + [parameter for parameter in (weight, bias) if parameter is not None]
+    relevance = torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    reference = composed(input)
+    grads = torch.autograd.grad(output, leaves, relevance, create_graph=True)
+    references = torch.autograd.grad(reference, leaves, relevance, create_graph=True)
+    for grad, expected in zip(grads, references):
+        assert relative_error(grad, expected) < 1e-12
+    probe = torch.randn(shape, generator=generator, dtype=torch.float64)
+    second = torch.autograd.grad((grads[0] * probe).sum(), leaves[1:] + [relevance], allow_unused=True)
+    expected = torch.autograd.grad((references[0] * probe).sum(), leaves[1:] + [relevance], allow_unused=True)
+    for grad, reference_grad in zip(second, expected):
+        assert (grad is None) == (reference_grad is None)
+        if grad is not None:
+            assert relative_error(grad, reference_grad) < 1e-12
+    # only the gradients asked for are computed, each right
+    alone, = torch.autograd.grad(module(input), input, relevance.detach())
+    assert relative_error(alone, references[0]) < 1e-12

@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .engine import as_view, engine_needs
+
 
 class ConstantScaleNorm(torch.nn.Linear):
     '''Base of the normalizations with a constant normalizing factor; holds ``weight`` and ``bias`` (or None).
@@ -51,6 +53,43 @@ class ConstantScaleNorm(torch.nn.Linear):
         return f'eps={self.eps}'
 
 
+class ConstantStdLayerNormFunction(torch.autograd.Function):
+    '''A LayerNorm over the last ``dims`` dimensions in one kernel (``torch.native_layer_norm``), its backward pass
+    that of a constant standard deviation: the centring, then the scaling.
+
+    The same map as the composition of its steps with the standard deviation detached, to rounding, at a fraction of
+    the kernels in either pass: a transformer runs it twice per LayerNorm and attribution (the forward and a rule's
+    second forward). Its backward pass is built from differentiable operations, so it can be differentiated again.
+    '''
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, input: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], dims: int, eps: float) -> torch.Tensor:
+        output, _, rstd = torch.native_layer_norm(input, input.shape[input.dim() - dims:], weight, bias, eps)
+        ctx.save_for_backward(input, weight, rstd)
+        ctx.dims = dims
+        # the edges of the parameters among the tensor inputs (an absent one has none)
+        ctx.edges = (1 if weight is not None else None,
+                     1 + (weight is not None) if bias is not None else None)
+        return output
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        input, weight, rstd = ctx.saved_tensors
+        axes = tuple(range(-ctx.dims, 0))
+        leading = tuple(range(grad.dim() - ctx.dims))
+        grad_input = grad_weight = grad_bias = None
+        if engine_needs(ctx, 0):
+            scaled = (grad if weight is None else grad * weight) * rstd
+            # the adjoint of the centring (a symmetric projection) is the centring
+            grad_input = scaled - scaled.mean(axes, keepdim=True)
+        weight_edge, bias_edge = ctx.edges
+        if weight_edge is not None and engine_needs(ctx, weight_edge):
+            grad_weight = (grad * ((input - input.mean(axes, keepdim=True)) * rstd)).sum(leading)
+        if bias_edge is not None and engine_needs(ctx, bias_edge):
+            grad_bias = grad.sum(leading)
+        return grad_input, grad_weight, grad_bias, None, None
+
+
 class ConstantStdLayerNorm(ConstantScaleNorm):
     '''A LayerNorm over the last ``dims`` dimensions (or over dimension 1, channels first, as ConvNeXt's LayerNorm2d),
     with its standard deviation constant in the backward pass.
@@ -69,12 +108,14 @@ class ConstantStdLayerNorm(ConstantScaleNorm):
         self.channels_first = channels_first
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        axes = (1,) if self.channels_first else tuple(range(-self.dims, 0))
+        if not self.channels_first:
+            return ConstantStdLayerNormFunction.apply(
+                as_view(input), as_view(self.weight), as_view(self.bias), self.dims, self.eps)
+        axes = (1,)
         mean = input.mean(axes, keepdim=True)
         centred = input - mean
         scale = torch.rsqrt(centred.pow(2).mean(axes, keepdim=True) + self.eps).detach()
-        shape = (-1,) + (1,) * (input.dim() - 2) if self.channels_first else tuple(input.shape[-self.dims:])
-        return self.affine(centred * scale, shape)
+        return self.affine(centred * scale, (-1,) + (1,) * (input.dim() - 2))
 
     def extra_repr(self) -> str:
         return f'dims={self.dims}, eps={self.eps}' + (', channels_first=True' if self.channels_first else '')
