@@ -336,3 +336,36 @@ def test_timm_no_trace_module_that_cannot_be_traced_is_kept_whole():
             instance.remove()
     finally:
         _fx._leaf_modules.discard(Dynamic)
+
+
+def test_sums_of_scalars_and_of_vectors_are_exact_and_cut():
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(3, 4)
+            self.b = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x)
+            # scalar summands (stacked on their one dimension) and summands of one dimension
+            return a.sum() + b.mean(), a[:, 0] + b[:, 1]
+
+    model = Model().eval().double()
+    before = snapshot(model)
+    input = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    expected = model(input)
+    # the cut for a condition on 'a' stops the paths that do not pass it: the gradients are those of the a-paths
+    cut, = graph_cuts_for(model, [{'a': [0]}])
+    instances = GraphCanonizer(cut=cut).apply(model)
+    try:
+        outputs = model(input)
+        for output, reference in zip(outputs, expected):
+            assert output.shape == reference.shape and relative_error(output, reference) < 1e-12
+        grads = [torch.autograd.grad(output.sum(), input, retain_graph=True)[0] for output in outputs]
+    finally:
+        for instance in instances:
+            instance.remove()
+    assert_untouched(model, before)
+    weight = model.a.weight.detach()
+    assert relative_error(grads[0], weight.sum(0).expand(2, 3)) < 1e-12
+    assert relative_error(grads[1], weight[0].expand(2, 3)) < 1e-12

@@ -119,3 +119,19 @@ def test_invalid_masks_are_refused():
         module.mask = torch.ones(2, 2, 2)
     with pytest.raises(TypeError):
         module.mask = [0, 1]
+
+
+def test_summands_after_the_batch_dimension_and_of_scalars():
+    # dim=1: summands stacked after the batch dimension, a per-sample mask per sample; stacked scalars: dimension 0
+    module = MaskedSum(dim=1)
+    module.mask = torch.tensor([[0., 1.], [1., 0.], [1., 1.]])
+    input = stacked().movedim(-1, 1)
+    output, grad, weights = gradient(module, input)
+    assert torch.equal(output, input.sum(1))
+    assert torch.equal(grad[0, 0], torch.zeros_like(weights[0])) and torch.equal(grad[0, 1], weights[0])
+    assert torch.equal(grad[1, 1], torch.zeros_like(weights[1])) and torch.equal(grad[2, 0], weights[2])
+    module.mask = torch.tensor([0., 1., 1.])
+    scalars = torch.tensor([1., 2., 4.], requires_grad=True)
+    output = module(scalars)
+    grad, = torch.autograd.grad(output, scalars, torch.tensor(3.))
+    assert output.shape == () and output == 7 and torch.equal(grad, torch.tensor([0., 3., 3.]))

@@ -129,7 +129,9 @@ class MaskedSum(Sum):
     Parameters
     ----------
     dim: int
-        Dimension over which to sum; the summands are the entries along it.
+        Dimension over which to sum; the summands are the entries along it. With ``dim=1`` (summands stacked after
+        the batch dimension, each a contiguous block per sample), a one-dimensional input (stacked scalars) is summed
+        over its one dimension.
 
     Attributes
     ----------
@@ -162,13 +164,18 @@ class MaskedSum(Sum):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         '''Sum ``input`` along ``dim``, masking the gradient into the summands.'''
+        dim = self._dim(input)
         if self._mask is not None and torch.is_grad_enabled() and input.requires_grad:
-            input = mask_gradient(input, self._broadcast_mask(input))
-        return torch.sum(input, dim=self.dim)
+            input = mask_gradient(input, self._broadcast_mask(input, dim))
+        return torch.sum(input, dim=dim)
 
-    def _broadcast_mask(self, input: torch.Tensor) -> torch.Tensor:
+    def _dim(self, input: torch.Tensor) -> int:
+        # summands stacked after the batch dimension (dim=1) that are scalars have only the one dimension
+        return 0 if self.dim == 1 and input.ndim == 1 else self.dim
+
+    def _broadcast_mask(self, input: torch.Tensor, dim: int) -> torch.Tensor:
         # cache the mask as the input needs it: a transfer in every forward would cost a sync on GPUs
         key = (input.device, input.dtype, input.ndim, input.shape[0] if self._mask.ndim == 2 else None)
         if self._cast is None or self._cast[0] != key:
-            self._cast = (key, broadcast_mask(self._mask, input, self.dim))
+            self._cast = (key, broadcast_mask(self._mask, input, dim))
         return self._cast[1]

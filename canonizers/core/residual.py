@@ -15,7 +15,7 @@ SUMMANDS = (SKIP, RESIDUAL)
 
 def residual_sum(block: torch.nn.Module, shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     '''Add the shortcut and the transforming branch of ``block`` through its masked sum.'''
-    return block.canonizer_sum(torch.stack([shortcut, branch], dim=-1))
+    return block.canonizer_sum(torch.stack([shortcut, branch], dim=1))
 
 
 class ResidualSumCanonizer(BlockCanonizer):
@@ -24,7 +24,7 @@ class ResidualSumCanonizer(BlockCanonizer):
     branch the transforming one. Subclasses give the rewritten forward as the static method :py:meth:`forward`.'''
     def rewrite(self, patch: ModulePatch, module: torch.nn.Module) -> None:
         patch.set_attribute(module, 'forward', self.forward.__get__(module))
-        patch.set_attribute(module, 'canonizer_sum', MaskedSum(dim=-1).train(module.training))
+        patch.set_attribute(module, 'canonizer_sum', MaskedSum(dim=1).train(module.training))
 
     def update(self, cut: ResolvedCut) -> None:
         self.module.canonizer_sum.mask = cut.mask([[(self.name, branch)] for branch in SUMMANDS])

@@ -65,7 +65,7 @@ class Slot(NamedTuple):
     def build(self) -> torch.nn.Module:
         '''A fresh module for this slot (threshold ReLUs are built from the batch norm's values instead).'''
         if self.kind == 'sum':
-            return MaskedSum(dim=-1)
+            return MaskedSum(dim=1)
         if self.kind == 'gate':
             return ConstantGate()
         return copy.deepcopy(self.prototype)
