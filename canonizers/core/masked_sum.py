@@ -120,6 +120,19 @@ def broadcast_mask(mask: torch.Tensor, input: torch.Tensor, dim: int) -> torch.T
     return mask.to(device=input.device, dtype=input.dtype).reshape(shape)
 
 
+def stack_summands(*summands: torch.Tensor) -> torch.Tensor:
+    '''Stack the summands of a sum on a new dimension 1, after the batch dimension (on dimension 0 if they are
+    scalars), broadcast to one shape first if they differ (as ``+`` broadcasts), for a
+    :py:class:`MaskedSum` with ``dim=1``.
+
+    After the batch dimension, each summand is a contiguous block per sample: stacking, summing and the gradients of
+    the summands (views of the stack's) cost less than on an interleaved last dimension.
+    '''
+    if any(summand.shape != summands[0].shape for summand in summands[1:]):
+        summands = torch.broadcast_tensors(*summands)
+    return torch.stack(summands, dim=min(1, summands[0].dim()))
+
+
 class MaskedSum(Sum):
     '''Sum along a dimension, with a mask that stops the gradient (hence relevance) into chosen summands.
 

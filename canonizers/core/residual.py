@@ -6,7 +6,7 @@ import torch
 
 from .blocks import BlockCanonizer
 from .cuts import BRANCHES, RESIDUAL, SKIP, BlockCatalog, ResolvedCut
-from .masked_sum import MaskedSum
+from .masked_sum import MaskedSum, stack_summands
 from .patch import ModulePatch
 
 #: the order of the summands stacked for the sum: the shortcut first, as zennit does
@@ -15,7 +15,7 @@ SUMMANDS = (SKIP, RESIDUAL)
 
 def residual_sum(block: torch.nn.Module, shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     '''Add the shortcut and the transforming branch of ``block`` through its masked sum.'''
-    return block.canonizer_sum(torch.stack([shortcut, branch], dim=1))
+    return block.canonizer_sum(stack_summands(shortcut, branch))
 
 
 class ResidualSumCanonizer(BlockCanonizer):

@@ -11,19 +11,6 @@ from ..core.masked_sum import mask_columns, mask_gradient
 from ..core.products import stabilize
 
 
-def stack_summands(*summands: torch.Tensor) -> torch.Tensor:
-    '''Stack the summands of a sum on a new dimension 1, after the batch dimension (on dimension 0 if they are
-    scalars), broadcast to one shape first if they differ (as ``+`` broadcasts), for a
-    :py:class:`~canonizers.MaskedSum` with ``dim=1``.
-
-    After the batch dimension, each summand is a contiguous block per sample: stacking, summing and the gradients of
-    the summands (views of the stack's) cost less than on an interleaved last dimension.
-    '''
-    if any(summand.shape != summands[0].shape for summand in summands[1:]):
-        summands = torch.broadcast_tensors(*summands)
-    return torch.stack(summands, dim=min(1, summands[0].dim()))
-
-
 class MaskedConcatenation(torch.nn.Module):
     '''``torch.cat`` (or ``torch.stack``) of several inputs, with a gradient mask per input, so that the paths
     entering a concatenation can be cut.

@@ -17,11 +17,11 @@ from ..core.attention import (
     window_attention,
 )
 from ..core.gates import ConstantGate
-from ..core.masked_sum import MaskedSum
+from ..core.masked_sum import MaskedSum, stack_summands
 from ..core.products import SoftmaxRule, UniformProduct
 from .analysis import Analysis
 from .batchnorms import BatchNormPlan
-from .modules import FunctionalLayer, MaskedConcatenation, Scale, call_forward_hooks, call_unhooked, stack_summands
+from .modules import FunctionalLayer, MaskedConcatenation, Scale, call_forward_hooks, call_unhooked
 from .transformer import NormSpec, Transformer
 
 
