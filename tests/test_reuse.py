@@ -14,7 +14,8 @@ from zennit.rules import AlphaBeta, Epsilon, Pass
 from zennit.types import Activation
 
 from canonizers import GraphCanonizer, ReuseForward
-from canonizers.core.reuse import LinearRecord
+from canonizers.core.attention import ConstantWeighting
+from canonizers.core.reuse import LinearRecord, RuledCall, WeightingRecord, rulable
 
 TARGET = 3
 
@@ -32,9 +33,16 @@ MODELS = {
 }
 
 
-def records(model):
+def records(model, kind=LinearRecord):
     return {name: module.forward for name, module in model.named_modules()
-            if isinstance(vars(module).get('forward'), LinearRecord)}
+            if isinstance(vars(module).get('forward'), kind)}
+
+
+def ruled(model):
+    '''Per layer served by a :py:class:`RuledCall`: its class, whether a zennit rule is attached to it (a forward
+    pre-hook), and how many of its input gradients were left to the rule.'''
+    return {name: (type(record.module).__name__, bool(record.module._forward_pre_hooks), record.replaced)
+            for name, record in records(model, RuledCall).items()}
 
 
 def relevance(model, size, composite, reuse, batch=2):
@@ -42,6 +50,20 @@ def relevance(model, size, composite, reuse, batch=2):
     with Gradient(model, COMPOSITES[composite]([canonizer])) as attributor:
         _, result = attributor(data(size, batch).requires_grad_(), lambda output: output_relevance(output, TARGET))
         hits = {name: (record.hits, record.replaced) for name, record in records(model).items()}
+        calls = ruled(model)
+        weightings = [record.hits for record in records(model, WeightingRecord).values()]
+    if not reuse:
+        assert calls == {}
+    else:
+        # every layer other than a linear one that zennit's rules (BasicHook, Pass) replace the input gradient of:
+        # the patch embedding, the activations, the normalizations and the attention's weighting of the values
+        assert {'ConstantStdLayerNorm', 'ConstantWeighting'} <= {kind for kind, _, _ in calls.values()}, calls
+        # a rule replaced the gradient once per hooked layer (one attribution), and none of the others
+        assert all(replaced == hooked for _, hooked, replaced in calls.values()), calls
+        # the attention weightings (matrix products) are served from the forward pass where the rule modifies
+        # nothing: the epsilon rules (alpha-beta modifies the input)
+        assert weightings and max(weightings) == (0 if composite == 'alpha-beta on linear layers' else 1)
+        assert min(weightings) == max(weightings)
     return result, hits
 
 
@@ -326,3 +348,195 @@ def test_reuse_forward_is_copied_and_shown():
     assert canonizer.copy().reuse_forward is False
     assert 'reuse_forward=False' in repr(canonizer)
     assert 'reuse_forward' not in repr(GraphCanonizer())
+
+
+class Convolutions(torch.nn.Module):
+    '''Convolutions with a batch norm, activations in place and not, and a shortcut.'''
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(6)
+        self.relu = torch.nn.ReLU()
+        self.inner = torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.inplace = torch.nn.ReLU(inplace=True)
+        self.gelu = torch.nn.GELU()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.head = torch.nn.Linear(6, 10)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        hidden = self.relu(self.norm(self.conv(input)))
+        hidden = self.gelu(self.inplace(self.inner(hidden)) + hidden)
+        return self.head(self.pool(hidden).flatten(1))
+
+
+@pytest.mark.parametrize('composite', ['epsilon (conservation)', 'EpsilonPlusFlat'])
+def test_convolutions_and_activations_leave_their_input_gradient_to_the_rule(composite):
+    model = randomized(Convolutions())
+    before = snapshot(model)
+    results = []
+    for reuse in (True, False):
+        input = data(12, 2).requires_grad_()
+        with COMPOSITES[composite]([GraphCanonizer(reuse_forward=reuse)]).context(model):
+            output = model(input)
+            output.backward(output_relevance(output, TARGET))
+            calls = ruled(model)
+        results.append((input.grad, {name: parameter.grad for name, parameter in model.named_parameters()}, calls))
+        model.zero_grad(set_to_none=True)
+    assert_untouched(model, before)
+    (relevance, grads, calls), (expected, expected_grads, none) = results
+    assert none == {}
+    # the convolutions (the first under Flat in EpsilonPlusFlat) and the activations under Pass; not the ReLU that
+    # works in place (its input is the other layer's output)
+    assert sorted(calls.values()) == [('Conv2d', True, 1)] * 2 + [('GELU', True, 1), ('ReLU', True, 1)], calls
+    assert expected.abs().max() > 1e-6
+    assert (relevance - expected).abs().max() <= 1e-12 * expected.abs().max()
+    assert grads.keys() == expected_grads.keys()
+    assert expected_grads['conv.weight'] is not None and expected_grads['inner.weight'] is not None
+    for name, grad in expected_grads.items():
+        assert (grads[name] is None) == (grad is None), name
+        if grad is not None:
+            assert (grads[name] - grad).abs().max() <= 1e-12 * grad.abs().max(), name
+
+
+class Weighting(torch.nn.Module):
+    '''A convolution whose output is changed in place, and values weighted by a constant of the forward through an
+    einsum, whose result is a view (of a bmm's).'''
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.values = torch.nn.Linear(4, 4)
+        self.weighting = ConstantWeighting(equation='bhij,bhjd->bihd')
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        hidden = self.conv(input).mul_(2)
+        weights = torch.softmax(hidden @ hidden.transpose(-1, -2), -1)
+        return self.weighting(self.values(hidden), operand=weights.detach()).flatten(1)
+
+
+def test_served_outputs_can_be_changed_in_place():
+    # the convolution's own output is served, the weighting's view as a copy: both can be changed in place
+    model = Weighting().double()
+    input = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert model.weighting(input, operand=torch.ones(2, 3, 5, 5, dtype=torch.float64))._base is not None
+    results = []
+    for canonizers in ([ReuseForward()], []):
+        with conservation_composite(canonizers, epsilon=1e-10).context(model):
+            output = model(input)
+            output.mul_(3)
+            gradient, = torch.autograd.grad(output, input, output)
+            if canonizers:
+                assert [model.conv.forward.replaced, model.weighting.forward.replaced] == [1, 1]
+        results.append(gradient)
+    assert results[1].abs().max() > 0
+    assert (results[0] - results[1]).abs().max() <= 1e-12 * results[1].abs().max()
+
+
+@pytest.mark.skipif(not hasattr(Composite, 'inactive') or 'create_graph' not in inspect.signature(Gradient).parameters,
+                    reason='zennit 0.4.6 has no inactive rules')
+def test_the_exact_gradient_of_an_inactive_rule_can_be_differentiated():
+    # the input gradient computed again where the rule does not replace it is a function of the input and the
+    # parameters: differentiated (create_graph) as autograd's own
+    model = randomized(Convolutions())
+    results = []
+    for reuse in (True, False):
+        input = data(12, 2).requires_grad_()
+        composite = conservation_composite([GraphCanonizer(reuse_forward=reuse)], epsilon=1e-10)
+        with composite.context(model):
+            output = model(input)
+            with composite.inactive():
+                gradient, = torch.autograd.grad(output, input, output_relevance(output, TARGET), create_graph=True)
+                (gradient ** 2).sum().backward()
+        results.append((gradient.detach(), {name: parameter.grad for name, parameter in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (gradient, grads), (expected, expected_grads) = results
+    assert (gradient - expected).abs().max() <= 1e-12 * expected.abs().max()
+    assert expected_grads['conv.weight'].abs().max() > 0
+    for name, grad in expected_grads.items():
+        assert (grads[name] - grad).abs().max() <= 1e-12 * grad.abs().max(), name
+
+
+class OwnForward(torch.nn.GELU):
+    def forward(self, input):
+        return super().forward(input) * 2
+
+
+def test_only_known_layers_with_their_class_forward_and_not_in_place_are_served():
+    gelu = torch.nn.GELU()
+    assert rulable(torch.nn.Conv2d(2, 2, 1)) and rulable(gelu) and rulable(torch.nn.ReLU())
+    assert not rulable(torch.nn.ReLU(inplace=True))
+    assert not rulable(OwnForward())
+    assert not rulable(torch.nn.Dropout()) and not rulable(torch.nn.BatchNorm2d(2))
+    gelu.forward = lambda input: input
+    assert not rulable(gelu)
+
+
+def test_a_rule_removed_but_alive_leaves_the_exact_gradient():
+    # a rule registered by hand outlives its removal: zennit 0.5.1 and 1.0 remove its hook on the Identity (the
+    # gradient is the forward's own), zennit 0.4.6 leaves it (the rule replaces the gradient still); either way the
+    # same as without ReuseForward
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 4)).double()
+    input = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for reuse in (True, False):
+        instances = ReuseForward().apply(model) if reuse else []
+        rule = Pass()
+        handles = rule.register(model[1])
+        output = model(input)
+        handles.remove()
+        gradient, = torch.autograd.grad(output, input, torch.ones_like(output))
+        for instance in instances:
+            instance.remove()
+        results.append(gradient)
+        assert rule.stored_tensors is not None  # alive
+    assert results[1].abs().max() > 0
+    assert (results[0] - results[1]).abs().max() <= 1e-12 * results[1].abs().max()
+
+
+@pytest.mark.parametrize('left', [True, False])
+def test_a_served_weighting_has_the_backward_of_the_product(left):
+    holder = torch.nn.Module()
+    holder.weighting = ConstantWeighting(left=left)
+    instances = ReuseForward().apply(holder)
+    record = vars(holder.weighting)['forward']
+    assert isinstance(record, WeightingRecord)
+    generator = torch.Generator().manual_seed(0)
+    # the values broadcast over the batch of the weight: their gradient sums over it
+    weight = torch.randn((2, 3, 5, 5) if left else (2, 3, 4, 4), generator=generator, dtype=torch.float64)
+    values = torch.randn(1, 3, 5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    first = holder.weighting(values * 1, operand=weight)
+    # zennit's second forward: a leaf of the same values (elsewhere in memory, as zennit 1.0's copy), no operand
+    leaf = (values * 1).detach().requires_grad_()
+    served = holder.weighting(leaf)
+    assert record.hits == 1
+    assert torch.equal(served, first)
+    grad = torch.randn(served.shape, generator=generator, dtype=torch.float64)
+    got, = torch.autograd.grad(served, leaf, grad)
+    other = leaf.detach().requires_grad_()
+    expected, = torch.autograd.grad(torch.matmul(weight, other) if left else torch.matmul(other, weight), other, grad)
+    assert (got - expected).abs().max() <= 1e-12 * expected.abs().max()
+    # the same operand passed again (zennit 1.0) is served too
+    holder.weighting(leaf, operand=weight)
+    assert record.hits == 2
+    # other input values, another operand, the operand or the kept output changed in place: computed again
+    changed = (leaf * 2).detach().requires_grad_()
+    product = torch.matmul(weight, changed) if left else torch.matmul(changed, weight)
+    assert torch.equal(holder.weighting(changed), product)
+    assert record.hits == 2
+    holder.weighting(values * 1, operand=weight)
+    holder.weighting(leaf, operand=weight * 3)
+    assert record.hits == 2
+    output = holder.weighting(values * 1, operand=weight)
+    with torch.no_grad():
+        output.add_(1)
+    assert torch.equal(holder.weighting(leaf, operand=weight), first)
+    assert record.hits == 2
+    kept = weight.clone()
+    holder.weighting(values * 1, operand=kept)
+    with torch.no_grad():
+        kept.mul_(2)
+    holder.weighting(leaf)
+    assert record.hits == 2
+    for instance in instances:
+        instance.remove()
+    assert 'forward' not in vars(holder.weighting)

@@ -11,7 +11,9 @@ and answers a forward on the same input values and the same parameter storage, u
 counters, as autograd checks its saved tensors), with that output, attached to the new input by the layer's exact
 backward (:py:class:`ReusedLinear`). Anything else (modified parameters, as the z+ and alpha-beta rules use, other
 inputs) is computed as before. The relevance is the same to the last bit wherever the second forward would give the
-first one's bits, and at float rounding otherwise (zennit 1.0 recomputes on a contiguous copy of the input).
+first one's bits, and at float rounding otherwise (zennit 1.0 recomputes on a contiguous copy of the input). The
+attention weightings of this package (a matrix product with constant attention weights) are served the same way
+(:py:class:`WeightingRecord`).
 
 The first forward's own input gradient is wasted work as well: zennit's rule replaces it with the relevance it
 computes (the hook on the :py:class:`zennit.core.Identity` that ``Hook.pre_forward`` puts before the layer). Where the
@@ -19,17 +21,25 @@ layer's input is exactly that (its last forward pre-hook is the ``pre_forward`` 
 whose ``backward`` is zennit's own, which reads only the shape of the gradient it replaces), the linear map computes
 that gradient only if the rule will not replace it after all (the rule is inactive, as in zennit's
 ``Composite.inactive()``, or removed), and passes zeros otherwise (:py:class:`RuledLinear`). Anything else about the
-input, the hook or a future zennit is not recognized and gets the exact gradient.
+input, the hook or a future zennit is not recognized and gets the exact gradient. Other layers whose input gradient a
+rule replaces are computed on their detached input, so that the forward's backward pass computes their parameters'
+gradients alone, and their output is attached to the input by zeros, or by the exact gradient computed again where
+the rule does not replace it after all (:py:class:`RuledCall`): convolutions and the normalizations and attention
+weightings of this package under zennit's BasicHook rules, and activations under zennit's ``Pass`` (whose backward
+returns the output's gradient as the input's).
 '''
 import weakref
-from typing import List, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 import zennit.core
+import zennit.rules
 from zennit.canonizers import Canonizer
 
+from .attention import ConstantWeighting
 from .engine import as_view, engine_needs
+from .normalization import ConstantRMSNorm, ConstantStdGroupNorm, ConstantStdLayerNorm, FrozenBatchNorm
 from .patch import ModulePatch
 
 Operands = Tuple[torch.Tensor, Optional[torch.Tensor]]
@@ -82,27 +92,74 @@ class RuledLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx,
                  grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        rule = ctx.rule()
-        # what zennit's hook on the Identity checks before it replaces the gradient (0.5.1 and 1.0: ``active``); a
-        # removed rule has cleared its stored tensors (and, from 0.5.1 on, its hook on the Identity)
-        replaced = rule is not None and getattr(rule, 'active', True) and bool(rule.stored_tensors)
+        replaced = _replaces(ctx.rule())
         gradients = _gradients(ctx, grad, 0, input_gradient=not replaced)
         if replaced and gradients[0] is not None:
             ctx.record.replaced += 1
         return gradients + (None, None)
 
 
-def _replacing_rule(module: torch.nn.Module, input: torch.Tensor) -> Optional[zennit.core.BasicHook]:
+class RuledOutput(torch.autograd.Function):
+    '''The output of a layer's ``call`` on its detached input, attached to the ``input``: its gradient flows on to
+    the output's own graph (the parameters), and the input's is zeros while ``rule`` will replace it, else the exact
+    gradient of ``call`` (computed again from the input). ``record`` counts the zeros passed.'''
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, output: torch.Tensor, input: torch.Tensor,
+                call: Callable[[torch.Tensor], torch.Tensor], rule: 'weakref.ref[zennit.core.Hook]',
+                record: 'RuledCall') -> torch.Tensor:
+        ctx.save_for_backward(input)
+        ctx.call, ctx.rule, ctx.record = call, rule, record
+        if output._base is not None:
+            # a view's history cannot be taken over
+            return output.clone()
+        # the output itself, its history continued by this node (it is no one else's: computed for this call), so
+        # that nothing is copied and in-place operations on it stay allowed
+        ctx.mark_dirty(output)
+        return output
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        grad_input = None
+        if engine_needs(ctx, 1):
+            input, = ctx.saved_tensors
+            if _replaces(ctx.rule()):
+                ctx.record.replaced += 1
+                grad_input = input.new_zeros(()).expand(input.shape)
+            else:
+                # differentiable again where the backward pass builds a graph (create_graph)
+                create = torch.is_grad_enabled()
+                with torch.enable_grad():
+                    source = input if create else input.detach().requires_grad_()
+                    grad_input, = torch.autograd.grad(ctx.call(source), source, grad, create_graph=create)
+        return grad, grad_input, None, None, None
+
+
+def _replaces(rule: Optional[zennit.core.Hook]) -> bool:
+    '''Whether ``rule`` (recognized by :py:func:`_replacing_rule`) will replace the gradient of its layer's input in
+    the backward pass now running: what zennit's hook on the Identity checks (0.5.1 and 1.0: ``active``), and that it
+    is still registered: a removed rule has cleared its stored tensors (a BasicHook's backward reads the stored input)
+    and, from 0.5.1 on, its hooks on the Identities (``tensor_handles``; zennit 0.4.6 leaves them, and the rule
+    replaces the gradient).'''
+    if rule is None or not getattr(rule, 'active', True):
+        return False
+    if isinstance(rule, zennit.core.BasicHook):
+        return bool(rule.stored_tensors)
+    return bool(getattr(rule, 'tensor_handles', True))
+
+
+def _replacing_rule(module: torch.nn.Module, input: Any) -> Optional[zennit.core.Hook]:
     '''The zennit rule that will replace the gradient of ``module``'s ``input`` (the forward's argument), if
     recognized: the module's last forward pre-hook is zennit's ``Hook.pre_forward`` of a rule whose backward is
-    ``BasicHook.backward``, and ``input`` is the copy of the output of the :py:class:`zennit.core.Identity` it put
-    before the layer (the same in zennit 0.4.6, 0.5.1 and 1.0).'''
-    if not module._forward_pre_hooks:
+    ``BasicHook.backward`` (which reads only the shape of the gradient it replaces) or ``Pass.backward`` (which
+    returns the output's gradient), and ``input`` is the copy of the output of the :py:class:`zennit.core.Identity`
+    it put before the layer (the same in zennit 0.4.6, 0.5.1 and 1.0).'''
+    if not module._forward_pre_hooks or not isinstance(input, torch.Tensor):
         return None
     hook = next(reversed(module._forward_pre_hooks.values()))
     rule = getattr(hook, '__self__', None)
-    zennits = (getattr(hook, '__func__', None) is zennit.core.Hook.pre_forward
-               and isinstance(rule, zennit.core.BasicHook) and type(rule).backward is zennit.core.BasicHook.backward)
+    zennits = getattr(hook, '__func__', None) is zennit.core.Hook.pre_forward and (
+        (isinstance(rule, zennit.core.BasicHook) and type(rule).backward is zennit.core.BasicHook.backward)
+        or (isinstance(rule, zennit.rules.Pass) and type(rule).backward is zennit.rules.Pass.backward))
     if not zennits:
         return None
     node = input.grad_fn
@@ -200,11 +257,116 @@ def reusable(module: torch.nn.Module) -> bool:
     return forward is torch.nn.Linear.forward or getattr(type(module), 'operands', None) is not None
 
 
+class RuledCall:
+    '''The forward of a layer other than a linear one whose input gradient a zennit rule may replace: where the rule
+    will (:py:func:`_replacing_rule`), it computes the layer on its detached input, so that the backward pass of the
+    forward computes the parameters' gradients alone, and attaches the output to the input
+    (:py:class:`RuledOutput`). Installed as the layer's ``forward``; otherwise it is the layer's own forward.
+
+    Parameters
+    ----------
+    module: :py:obj:`torch.nn.Module`
+        The layer, one for which :py:func:`rulable` holds.
+    '''
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        #: the layer's own forward, bound
+        self.forward = type(module).forward.__get__(module)
+        #: how many input gradients were left to the zennit rule that replaces them (zeros passed instead)
+        self.replaced = 0
+
+    def __call__(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rule = _replacing_rule(self.module, input) if torch.is_grad_enabled() else None
+        if rule is None:
+            return self.forward(input, *args, **kwargs)
+        output = self.forward(input.detach(), *args, **kwargs)
+        return RuledOutput.apply(output, input, lambda source: self.forward(source, *args, **kwargs),
+                                 weakref.ref(rule), self)
+
+
+class ServedWeighting(torch.autograd.Function):
+    '''``weight @ input`` (or ``input @ weight``, where not ``left``) given its result, ``output``: a copy of it, with
+    the backward of the product in ``input`` (the weight is a constant).'''
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, output: torch.Tensor, input: torch.Tensor,
+                weight: torch.Tensor, left: bool) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.left = left
+        # a copy, as ReusedLinear's: the original is the forward pass's own tensor
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        weight, = ctx.saved_tensors
+        transposed = weight.transpose(-1, -2)
+        # where the input broadcasts over the weight's batch, the engine sums the gradient to the input's shape
+        grad_input = torch.matmul(transposed, grad) if ctx.left else torch.matmul(grad, transposed)
+        return None, grad_input, None, None
+
+
+class WeightingRecord(RuledCall):
+    '''The :py:class:`RuledCall` of an attention weighting (:py:class:`~canonizers.core.attention.ConstantWeighting`
+    as a matrix product) that also serves zennit's second forward from the first, as :py:class:`LinearRecord` does
+    for linear layers: where the input holds the values of the last forward pass with gradients and the weight is the
+    same memory, both unchanged since, the kept output is returned, with the product's backward
+    (:py:class:`ServedWeighting`).
+
+    Parameters
+    ----------
+    module: :py:class:`~canonizers.core.attention.ConstantWeighting`
+        The weighting; its ``equation`` is None.
+    '''
+    def __init__(self, module: ConstantWeighting) -> None:
+        super().__init__(module)
+        self.entry: Optional[Tuple[torch.Tensor, torch.Tensor, Tuple[int, int, int], torch.Tensor]] = None
+        #: how many forwards were answered with a kept output
+        self.hits = 0
+
+    def __call__(self, input: torch.Tensor, *, operand: Optional[torch.Tensor] = None) -> torch.Tensor:
+        entry = self.entry
+        if entry is not None and torch.is_grad_enabled() and input.dim() >= 2:
+            stored_input, stored_weight, versions, output = entry
+            # zennit 0.4.6 and 0.5.1 call again without the operand (the module keeps it), zennit 1.0 with it
+            weight = self.module.operand if operand is None else operand.detach()
+            if (output._version == versions[2] and weight is not None
+                    and _same_place(weight, stored_weight, versions[0])
+                    and _same_values(input, stored_input, versions[1])):
+                self.hits += 1
+                return ServedWeighting.apply(output, input, stored_weight, self.module.left)
+        output = super().__call__(input, operand=operand)
+        weight = self.module.operand
+        if torch.is_grad_enabled() and output.requires_grad and weight.dim() >= 2 and input.dim() >= 2:
+            self.entry = (input.detach(), weight, (weight._version, input._version, output._version), output.detach())
+        return output
+
+    def clear(self) -> None:
+        '''Forget the last forward pass.'''
+        self.entry = None
+
+
+#: the layers :py:class:`RuledCall` serves: each a deterministic function of one input and its parameters, with one
+#: output, that never changes its input
+_RULABLE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU,
+            torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Hardswish,
+            torch.nn.Hardsigmoid, torch.nn.Mish, torch.nn.Softplus, ConstantStdLayerNorm, ConstantStdGroupNorm,
+            ConstantRMSNorm, FrozenBatchNorm, ConstantWeighting)
+_RULABLE_FORWARDS = frozenset(layer.forward for layer in _RULABLE)
+
+
+def rulable(module: torch.nn.Module) -> bool:
+    '''Whether :py:class:`RuledCall` serves ``module``: one of the convolutions, activations (not in place),
+    normalizations and attention weightings it knows, with the forward of its class (none of its own).'''
+    return (type(module).forward in _RULABLE_FORWARDS and 'forward' not in vars(module)
+            and not getattr(module, 'inplace', False))
+
+
 class ReuseForward(Canonizer):
     '''Canonizer that lets zennit's rules take the output of the forward pass instead of computing every linear layer
     (:py:obj:`torch.nn.Linear`) once more in the backward pass, wherever that second forward computes the same: the
     epsilon rule (and every rule that modifies neither the input nor the parameters) then costs one linear map fewer
-    per layer. See :py:mod:`canonizers.core.reuse`.
+    per layer. Where a zennit rule will replace the input gradient of a linear layer, a convolution, an activation
+    (``Pass``) or a normalization or attention weighting of this package, the forward pass does not compute it
+    (:py:class:`RuledLinear`, :py:class:`RuledCall`). See :py:mod:`canonizers.core.reuse`.
 
     It keeps the input and output of each linear layer's last forward pass with gradients until the next one or its
     removal (zennit's rules keep the inputs the same way). Forward passes without gradients keep nothing. Removal
@@ -212,7 +374,7 @@ class ReuseForward(Canonizer):
     '''
     def __init__(self) -> None:
         self.patch = ModulePatch()
-        self.records: List[LinearRecord] = []
+        self.records: List[Union[LinearRecord, WeightingRecord]] = []
 
     def apply(self, root_module: torch.nn.Module) -> List['ReuseForward']:
         '''Install the records on every linear layer of ``root_module`` whose forward is ``F.linear``.
@@ -236,12 +398,19 @@ class ReuseForward(Canonizer):
         return [instance]
 
     def register(self, root_module: torch.nn.Module) -> None:
-        '''Install a :py:class:`LinearRecord` as the forward of every reusable linear layer of ``root_module``.'''
+        '''Install a :py:class:`LinearRecord` as the forward of every reusable linear layer of ``root_module``, a
+        :py:class:`RuledCall` as that of every other layer it serves (:py:func:`rulable`).'''
         for module in root_module.modules():
             if reusable(module):
                 record = LinearRecord(module)
                 self.records.append(record)
                 self.patch.set_attribute(module, 'forward', record)
+            elif isinstance(module, ConstantWeighting) and module.equation is None and rulable(module):
+                record = WeightingRecord(module)
+                self.records.append(record)
+                self.patch.set_attribute(module, 'forward', record)
+            elif rulable(module):
+                self.patch.set_attribute(module, 'forward', RuledCall(module))
 
     def remove(self) -> None:
         '''Restore the forward of every layer and forget what was kept.'''

@@ -81,7 +81,9 @@ class GraphCanonizer(Canonizer):
     reuse_forward: bool
         Whether zennit's rules take each linear layer's output from the forward pass where they would compute it again
         in the backward pass (:py:class:`~canonizers.core.reuse.ReuseForward`): the same relevance, one linear map
-        fewer per layer under the epsilon rule, for the memory of the layers' last outputs while canonized.
+        fewer per layer under the epsilon rule, for the memory of the layers' last outputs while canonized; and
+        whether the forward pass leaves uncomputed the input gradients that zennit's rules replace (of linear layers,
+        convolutions, activations under ``Pass``, normalizations and attention weightings).
 
     Raises
     ------
