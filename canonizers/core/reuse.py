@@ -18,15 +18,13 @@ attention weightings of this package (a matrix product with constant attention w
 The first forward's own input gradient is wasted work as well: zennit's rule replaces it with the relevance it
 computes (the hook on the :py:class:`zennit.core.Identity` that ``Hook.pre_forward`` puts before the layer). Where the
 layer's input is exactly that (its last forward pre-hook is the ``pre_forward`` of a :py:class:`zennit.core.BasicHook`
-whose ``backward`` is zennit's own, which reads only the shape of the gradient it replaces), the linear map computes
-that gradient only if the rule will not replace it after all (the rule is inactive, as in zennit's
-``Composite.inactive()``, or removed), and passes zeros otherwise (:py:class:`RuledLinear`). Anything else about the
-input, the hook or a future zennit is not recognized and gets the exact gradient. Other layers whose input gradient a
-rule replaces are computed on their detached input, so that the forward's backward pass computes their parameters'
-gradients alone, and their output is attached to the input by zeros, or by the exact gradient computed again where
-the rule does not replace it after all (:py:class:`RuledCall`): convolutions and the normalizations and attention
-weightings of this package under zennit's BasicHook rules, and activations under zennit's ``Pass`` (whose backward
-returns the output's gradient as the input's).
+whose ``backward`` is zennit's own, which reads only the shape of the gradient it replaces, or of zennit's ``Pass``,
+which returns the output's gradient), the layer is computed on its detached input, so that the forward's backward
+pass computes its parameters' gradients alone, and its output is attached to the input by zeros, or by the exact
+gradient computed again where the rule does not replace it after all (it is inactive, as in zennit's
+``Composite.inactive()``, or removed; :py:class:`RuledOutput`). Anything else about the input, the hook or a future
+zennit is not recognized and gets the exact gradient. So are the linear layers (:py:class:`LinearRecord`) and, through
+:py:class:`RuledCall`, convolutions, activations and the normalizations and attention weightings of this package.
 '''
 import weakref
 from typing import Any, Callable, List, Optional, Set, Tuple, Union
@@ -45,22 +43,6 @@ from .patch import ModulePatch
 Operands = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
-def _gradients(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, first: int,
-               input_gradient: bool = True) -> Tuple[Optional[torch.Tensor], ...]:
-    '''The gradients of ``F.linear(input, weight, bias)`` (``ctx``'s inputs ``first`` to ``first + 2``, ``input`` and
-    ``weight`` saved) that the backward pass wants; zeros for the input where not ``input_gradient``.'''
-    input, weight = ctx.saved_tensors
-    grad_input = grad_weight = grad_bias = None
-    if engine_needs(ctx, first):
-        # zeros that the rule replaces: one element, expanded (nothing is written)
-        grad_input = grad @ weight if input_gradient else input.new_zeros(()).expand(input.shape)
-    if engine_needs(ctx, first + 1):
-        grad_weight = grad.reshape(-1, grad.shape[-1]).T @ input.reshape(-1, input.shape[-1])
-    if engine_needs(ctx, first + 2):
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_input, grad_weight, grad_bias
-
-
 class ReusedLinear(torch.autograd.Function):
     '''``F.linear(input, weight, bias)`` given its result, ``output``: a copy of it, with the exact backward of the
     linear map (the gradients of the input, the weight and the bias that the backward pass wants).'''
@@ -74,39 +56,24 @@ class ReusedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx,
                  grad: torch.Tensor) -> Tuple[None, Optional[torch.Tensor], ...]:
-        return (None,) + _gradients(ctx, grad, 1)
-
-
-class RuledLinear(torch.autograd.Function):
-    '''``F.linear(input, weight, bias)`` of a layer whose input gradient a zennit rule, ``rule``, replaces: the
-    weight's and the bias's gradients are exact, the input's is zeros while the rule will replace it (it is alive,
-    active and registered) and exact otherwise. ``record`` counts the zeros passed.'''
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, input: torch.Tensor, weight: torch.Tensor,
-                bias: Optional[torch.Tensor], rule: 'weakref.ref[zennit.core.BasicHook]',
-                record: 'LinearRecord') -> torch.Tensor:
-        ctx.save_for_backward(input, weight)
-        ctx.rule, ctx.record = rule, record
-        return F.linear(input, weight, bias)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx,
-                 grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        replaced = _replaces(ctx.rule())
-        gradients = _gradients(ctx, grad, 0, input_gradient=not replaced)
-        if replaced and gradients[0] is not None:
-            ctx.record.replaced += 1
-        return gradients + (None, None)
+        input, weight = ctx.saved_tensors
+        grad_input = grad @ weight if engine_needs(ctx, 1) else None
+        grad_weight = grad_bias = None
+        if engine_needs(ctx, 2):
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ input.reshape(-1, input.shape[-1])
+        if engine_needs(ctx, 3):
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return None, grad_input, grad_weight, grad_bias
 
 
 class RuledOutput(torch.autograd.Function):
     '''The output of a layer's ``call`` on its detached input, attached to the ``input``: its gradient flows on to
     the output's own graph (the parameters), and the input's is zeros while ``rule`` will replace it, else the exact
-    gradient of ``call`` (computed again from the input). ``record`` counts the zeros passed.'''
+    gradient of ``call`` (computed again from the input). ``record`` counts the zeros passed (its ``replaced``).'''
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, output: torch.Tensor, input: torch.Tensor,
                 call: Callable[[torch.Tensor], torch.Tensor], rule: 'weakref.ref[zennit.core.Hook]',
-                record: 'RuledCall') -> torch.Tensor:
+                record: Any) -> torch.Tensor:
         ctx.save_for_backward(input)
         ctx.call, ctx.rule, ctx.record = call, rule, record
         if output._base is not None:
@@ -124,6 +91,7 @@ class RuledOutput(torch.autograd.Function):
             input, = ctx.saved_tensors
             if _replaces(ctx.rule()):
                 ctx.record.replaced += 1
+                # one element, expanded: nothing is written
                 grad_input = input.new_zeros(()).expand(input.shape)
             else:
                 # differentiable again where the backward pass builds a graph (create_graph)
@@ -132,6 +100,13 @@ class RuledOutput(torch.autograd.Function):
                     source = input if create else input.detach().requires_grad_()
                     grad_input, = torch.autograd.grad(ctx.call(source), source, grad, create_graph=create)
         return grad, grad_input, None, None, None
+
+
+def _left_to(rule: zennit.core.Hook, call: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor,
+             record: Any) -> torch.Tensor:
+    '''``call(input)``, whose input gradient ``rule`` replaces: computed on the detached input and attached to
+    ``input`` by :py:class:`RuledOutput`.'''
+    return RuledOutput.apply(call(input.detach()), input, call, weakref.ref(rule), record)
 
 
 def _replaces(rule: Optional[zennit.core.Hook]) -> bool:
@@ -228,7 +203,7 @@ class LinearRecord:
         if rule is None:
             output = F.linear(input, weight, bias)
         else:
-            output = RuledLinear.apply(as_view(input), as_view(weight), as_view(bias), weakref.ref(rule), self)
+            output = _left_to(rule, lambda source: F.linear(source, weight, bias), input, self)
         if torch.is_grad_enabled() and output.requires_grad and all(
                 tensor is None or _storage(tensor) in self.own for tensor in (weight, bias)):
             versions = (weight._version, -1 if bias is None else bias._version, input._version, output._version)
@@ -279,9 +254,7 @@ class RuledCall:
         rule = _replacing_rule(self.module, input) if torch.is_grad_enabled() else None
         if rule is None:
             return self.forward(input, *args, **kwargs)
-        output = self.forward(input.detach(), *args, **kwargs)
-        return RuledOutput.apply(output, input, lambda source: self.forward(source, *args, **kwargs),
-                                 weakref.ref(rule), self)
+        return _left_to(rule, lambda source: self.forward(source, *args, **kwargs), input, self)
 
 
 class ServedWeighting(torch.autograd.Function):
@@ -366,7 +339,7 @@ class ReuseForward(Canonizer):
     epsilon rule (and every rule that modifies neither the input nor the parameters) then costs one linear map fewer
     per layer. Where a zennit rule will replace the input gradient of a linear layer, a convolution, an activation
     (``Pass``) or a normalization or attention weighting of this package, the forward pass does not compute it
-    (:py:class:`RuledLinear`, :py:class:`RuledCall`). See :py:mod:`canonizers.core.reuse`.
+    (:py:class:`RuledOutput`). See :py:mod:`canonizers.core.reuse`.
 
     It keeps the input and output of each linear layer's last forward pass with gradients until the next one or its
     removal (zennit's rules keep the inputs the same way). Forward passes without gradients keep nothing. Removal
