@@ -8,7 +8,6 @@ from torchvision.ops.misc import SqueezeExcitation
 from zennit.attribution import Gradient
 from zennit.canonizers import Canonizer
 from zennit.composites import LayerMapComposite
-from zennit.core import stabilize
 from zennit.layer import Sum
 from zennit.rules import Epsilon, Norm, Pass
 from zennit.types import Activation, AvgPool, BatchNorm, Linear
@@ -64,9 +63,58 @@ def randomize_batch_norms(
     return model.eval()
 
 
+class StabilizedQuotient:
+    '''The gradient mapper of zennit's epsilon and norm rules, ``out_grad / stabilize(outputs[0], epsilon)``
+    (``epsilon`` added with the sign of each output, +1 for zeros), bitwise the same, in fewer passes over memory.
+
+    zennit's ``stabilize`` writes six new tensors of the output's size (one of them boolean) before the division writes
+    a seventh; on a transformer, whose outputs are large, that is about 5% of an attribution. Here the sign is built in
+    one tensor, scaled by epsilon and added to the output in place, and the quotient overwrites it: each element is
+    the same sum, the output plus or minus the same epsilon (IEEE addition commutes), so the bits are the same, NaN
+    and -0 included.
+
+    Parameters
+    ----------
+    epsilon: float
+        The stabilizer.
+    '''
+    def __init__(self, epsilon: float) -> None:
+        self.epsilon = epsilon
+
+    def __call__(self, out_grad: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        output = outputs[0]
+        # +1 where the output is >= 0 (zennit's (output == 0) + sign(output): -0 included), else -1, times epsilon
+        denominator = (output >= 0).to(output).mul_(2).sub_(1).mul_(self.epsilon).add_(output)
+        if (torch.is_grad_enabled() or out_grad.shape != denominator.shape or out_grad.dtype != denominator.dtype
+                or out_grad.stride() != denominator.stride()):
+            # a graph is being built (create_graph; out= is not differentiable), or the quotient has another shape,
+            # type or memory layout than the denominator (the layout decides the bits of the products it enters)
+            return out_grad / denominator
+        return torch.div(out_grad, denominator, out=denominator)
+
+
+def epsilon_rule(epsilon: float) -> Epsilon:
+    '''zennit's epsilon rule with :py:class:`StabilizedQuotient` as its gradient mapper: the same relevance, bitwise, in
+    less time.
+
+    Parameters
+    ----------
+    epsilon: float
+        The epsilon.
+
+    Returns
+    -------
+    :py:obj:`zennit.rules.Epsilon`
+        The rule.
+    '''
+    rule = Epsilon(epsilon=epsilon)
+    rule.gradient_mapper = StabilizedQuotient(epsilon)
+    return rule
+
+
 def sum_rule(stabilizer: float) -> Norm:
-    '''zennit's rule for sums and average pools with a chosen stabilizer, in zennit 0.4.6 (whose ``Norm`` has a fixed
-    stabilizer of 1e-6) and 0.5.1 alike.
+    '''zennit's rule for sums and average pools with a chosen stabilizer (zennit 0.4.6's ``Norm`` has a fixed
+    stabilizer of 1e-6), with :py:class:`StabilizedQuotient` as its gradient mapper.
 
     Parameters
     ----------
@@ -78,17 +126,15 @@ def sum_rule(stabilizer: float) -> Norm:
     :py:obj:`zennit.rules.Norm`
         The rule.
     '''
-    try:
-        return Norm(stabilizer=stabilizer)
-    except TypeError:
-        rule = Norm()
-        rule.gradient_mapper = lambda out_grad, outputs: out_grad / stabilize(outputs[0], stabilizer)
-        return rule
+    rule = Norm()
+    rule.gradient_mapper = StabilizedQuotient(stabilizer)
+    return rule
 
 
 def conservation_composite(canonizers: Sequence[Canonizer], epsilon: float = 1e-30) -> LayerMapComposite:
     '''The Epsilon rule with negligible epsilon on every linear layer, the same stabilizer on sums and average pools,
-    and relevance passed through activations: on a model without biases, relevance is conserved exactly.
+    and relevance passed through activations: on a model without biases, relevance is conserved exactly. The rules are
+    zennit's (:py:func:`epsilon_rule`, :py:func:`sum_rule`, ``Pass``).
 
     Parameters
     ----------
@@ -107,7 +153,7 @@ def conservation_composite(canonizers: Sequence[Canonizer], epsilon: float = 1e-
             (Activation, Pass()),
             (Sum, sum_rule(epsilon)),
             (AvgPool, sum_rule(epsilon)),
-            (Linear, Epsilon(epsilon=epsilon)),
+            (Linear, epsilon_rule(epsilon)),
         ],
         canonizers=list(canonizers),
     )
