@@ -102,10 +102,14 @@ class RuledOutput(torch.autograd.Function):
         return grad, grad_input, None, None, None
 
 
-def _left_to(rule: zennit.core.Hook, call: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor,
-             record: Any) -> torch.Tensor:
-    '''``call(input)``, whose input gradient ``rule`` replaces: computed on the detached input and attached to
-    ``input`` by :py:class:`RuledOutput`.'''
+def _ruled(module: torch.nn.Module, call: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor,
+           record: Any) -> torch.Tensor:
+    '''``call(input)``, the forward of ``module``: where a zennit rule will replace its input gradient
+    (:py:func:`_replacing_rule`), computed on the detached input and attached to ``input`` by :py:class:`RuledOutput`
+    (``record`` counts the gradients left to the rule).'''
+    rule = _replacing_rule(module, input) if torch.is_grad_enabled() else None
+    if rule is None:
+        return call(input)
     return RuledOutput.apply(call(input.detach()), input, call, weakref.ref(rule), record)
 
 
@@ -199,11 +203,7 @@ class LinearRecord:
                     and _same_place(bias, stored_bias, versions[1]) and _same_values(input, stored_input, versions[2])):
                 self.hits += 1
                 return ReusedLinear.apply(output, as_view(input), as_view(weight), as_view(bias))
-        rule = _replacing_rule(self.module, input) if torch.is_grad_enabled() else None
-        if rule is None:
-            output = F.linear(input, weight, bias)
-        else:
-            output = _left_to(rule, lambda source: F.linear(source, weight, bias), input, self)
+        output = _ruled(self.module, lambda source: F.linear(source, weight, bias), input, self)
         if torch.is_grad_enabled() and output.requires_grad and all(
                 tensor is None or _storage(tensor) in self.own for tensor in (weight, bias)):
             versions = (weight._version, -1 if bias is None else bias._version, input._version, output._version)
@@ -251,10 +251,7 @@ class RuledCall:
         self.replaced = 0
 
     def __call__(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rule = _replacing_rule(self.module, input) if torch.is_grad_enabled() else None
-        if rule is None:
-            return self.forward(input, *args, **kwargs)
-        return _left_to(rule, lambda source: self.forward(source, *args, **kwargs), input, self)
+        return _ruled(self.module, lambda source: self.forward(source, *args, **kwargs), input, self)
 
 
 class ServedWeighting(torch.autograd.Function):
